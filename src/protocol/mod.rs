@@ -1,0 +1,14 @@
+//! The Postgres wire protocol as pgshift needs it: framing by header only, the first packet a
+//! client sends (SSLRequest, GSSENCRequest, CancelRequest, StartupMessage), the `options`
+//! startup parameter, and the few messages pgshift builds or reads.
+//!
+//! Everything here is pure parsing and building over byte slices; no module in here does I/O,
+//! so each piece can be tested and benchmarked alone.
+
+pub mod framing;
+pub mod messages;
+pub mod options;
+pub mod startup;
+
+/// The largest first packet (StartupMessage, CancelRequest, …) accepted, as in Postgres.
+pub const MAX_STARTUP_PACKET_SIZE: usize = 10_000;

@@ -1,0 +1,171 @@
+//! The open sessions, and the one way to end them from outside: close orders.
+//!
+//! Every session registers here once routed and receives orders on its own watch channel.
+//! `AtIdle` asks it to close at its next idle point (shutdown, drain, session age); `Now` ends
+//! it wherever it is (a hard deadline passed). Shutdown, drains and `max_session_age` all use
+//! this one mechanism.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use crate::color::Color;
+
+/// Why pgshift is ending a session; each gives the client its own message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    Shutdown,
+}
+
+impl CloseReason {
+    /// The FATAL 57P01 message the client gets.
+    pub fn message(self, hard_deadline: bool) -> &'static str {
+        match (self, hard_deadline) {
+            (CloseReason::Shutdown, false) => "terminating connection: pgshift is shutting down",
+            (CloseReason::Shutdown, true) => {
+                "terminating connection: pgshift is shutting down and shutdown_timeout passed; the open transaction was rolled back"
+            }
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What a session has been told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseOrder {
+    Run,
+    AtIdle(CloseReason),
+    Now(CloseReason),
+}
+
+#[derive(Debug)]
+struct SessionEntry {
+    color: Color,
+    started: Instant,
+    orders: watch::Sender<CloseOrder>,
+}
+
+/// A registered session's view: its id and the orders addressed to it.
+#[derive(Debug)]
+pub struct SessionTicket {
+    pub id: u64,
+    pub orders: watch::Receiver<CloseOrder>,
+}
+
+/// Every open, routed session.
+#[derive(Debug, Default)]
+pub struct SessionRegistry {
+    sessions: Mutex<HashMap<u64, SessionEntry>>,
+    next_id: AtomicU64,
+}
+
+impl SessionRegistry {
+    /// Adds a session; `initial` is the order in force (e.g. `AtIdle` during shutdown).
+    pub fn register(&self, color: Color, initial: CloseOrder) -> SessionTicket {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let (sender, receiver) = watch::channel(initial);
+        self.lock().insert(
+            id,
+            SessionEntry {
+                color,
+                started: Instant::now(),
+                orders: sender,
+            },
+        );
+        SessionTicket {
+            id,
+            orders: receiver,
+        }
+    }
+
+    pub fn unregister(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Sends an order to every session (of `color`, when given) that matches `filter`.
+    /// An order never weakens: `AtIdle` does not replace `Now`.
+    pub fn order(&self, color: Option<Color>, order: CloseOrder) -> usize {
+        let sessions = self.lock();
+        let mut sent = 0;
+        for entry in sessions.values() {
+            if color.is_some_and(|color| color != entry.color) {
+                continue;
+            }
+            entry.orders.send_if_modified(|current| {
+                let stronger = !matches!((*current, order), (CloseOrder::Now(_), _));
+                if stronger && *current != order {
+                    *current = order;
+                    true
+                } else {
+                    false
+                }
+            });
+            sent += 1;
+        }
+        sent
+    }
+
+    /// Open sessions (of `color`, when given).
+    pub fn count(&self, color: Option<Color>) -> usize {
+        let sessions = self.lock();
+        match color {
+            None => sessions.len(),
+            Some(color) => sessions
+                .values()
+                .filter(|entry| entry.color == color)
+                .count(),
+        }
+    }
+
+    /// When the oldest open session started.
+    pub fn oldest_start(&self) -> Option<Instant> {
+        self.lock().values().map(|entry| entry.started).min()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SessionEntry>> {
+        // Every operation is one insert, remove or read: a poisoned map is still whole.
+        self.sessions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orders_reach_the_right_sessions_and_never_weaken() {
+        let registry = SessionRegistry::default();
+        let blue = registry.register(Color::Blue, CloseOrder::Run);
+        let green = registry.register(Color::Green, CloseOrder::Run);
+        assert_eq!(
+            registry.order(Some(Color::Green), CloseOrder::Now(CloseReason::Shutdown)),
+            1
+        );
+        assert_eq!(
+            *green.orders.borrow(),
+            CloseOrder::Now(CloseReason::Shutdown)
+        );
+        assert_eq!(*blue.orders.borrow(), CloseOrder::Run);
+        registry.order(None, CloseOrder::AtIdle(CloseReason::Shutdown));
+        assert_eq!(
+            *green.orders.borrow(),
+            CloseOrder::Now(CloseReason::Shutdown)
+        );
+        assert_eq!(
+            *blue.orders.borrow(),
+            CloseOrder::AtIdle(CloseReason::Shutdown)
+        );
+        registry.unregister(blue.id);
+        assert_eq!(registry.count(None), 1);
+    }
+}

@@ -1,0 +1,156 @@
+//! Starting pgshift itself for a test: in-process (a [`TestProxy`] on the test's runtime) or
+//! as the real binary (for signal tests), always from a TOML config written to a temp dir so
+//! the config parser is exercised too.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pgshift::config::Config;
+use pgshift::proxy::{Proxy, ProxyOptions};
+
+use super::{BULK_USER, ClusterPair, TEST_PASSWORD, TEST_USER, free_port};
+
+/// A config for `pair` listening on a free port; `extra` is TOML appended to it (its own
+/// sections, or keys for `[routing]`, which comes last).
+pub fn config_text(pair: &ClusterPair, port: u16, extra_listen: &str, routing: &str) -> String {
+    format!(
+        r#"
+[listen]
+addr = "127.0.0.1:{port}"
+login_timeout = "3s"
+shutdown_timeout = "10s"
+{extra_listen}
+
+[blue]
+host = "127.0.0.1"
+port = {blue}
+connect_timeout = "2s"
+
+[green]
+host = "127.0.0.1"
+port = {green}
+connect_timeout = "2s"
+
+[routing]
+{routing}
+"#,
+        blue = pair.blue.port(),
+        green = pair.green.port(),
+    )
+}
+
+/// Writes a config file into a fresh temp dir and returns both.
+pub fn write_config(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("pgshift.toml");
+    std::fs::write(&path, text).expect("write config");
+    (dir, path)
+}
+
+/// pgshift running inside the test process.
+pub struct TestProxy {
+    pub proxy: Option<Proxy>,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl TestProxy {
+    /// Starts pgshift in front of `pair` with `[routing]` keys `routing` (and `[listen]` keys
+    /// `extra_listen`); `seed` fixes the random draws.
+    pub async fn start(
+        pair: &ClusterPair,
+        extra_listen: &str,
+        routing: &str,
+        seed: Option<u64>,
+    ) -> TestProxy {
+        let port = free_port();
+        let (dir, path) = write_config(&config_text(pair, port, extra_listen, routing));
+        let config =
+            Config::load(&path).unwrap_or_else(|errors| panic!("test config invalid:\n{errors}"));
+        let proxy = Proxy::start(config, ProxyOptions { routing_seed: seed })
+            .await
+            .expect("pgshift starts");
+        TestProxy {
+            proxy: Some(proxy),
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("proxy running")
+    }
+
+    /// A DSN through the proxy.
+    pub fn dsn(&self, user: &str, password: Option<&str>, dbname: &str) -> String {
+        let mut dsn = format!(
+            "host=127.0.0.1 port={} user={user} dbname={dbname}",
+            self.port
+        );
+        if let Some(password) = password {
+            dsn.push_str(&format!(" password={password}"));
+        }
+        dsn
+    }
+
+    /// The SCRAM test user on database `app`.
+    pub fn app_dsn(&self) -> String {
+        self.dsn(TEST_USER, Some(TEST_PASSWORD), "app")
+    }
+
+    /// The trusted bulk user (cheap logins) on database `app`.
+    pub fn bulk_dsn(&self) -> String {
+        self.dsn(BULK_USER, None, "app")
+    }
+
+    /// Connects with tokio-postgres through the proxy.
+    pub async fn connect(
+        &self,
+        dsn: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    /// Which cluster port served a new session for `dsn`.
+    pub async fn served_port(&self, dsn: &str) -> u16 {
+        let client = self.connect(dsn).await.expect("connect through pgshift");
+        server_port(&client).await
+    }
+
+    /// Graceful shutdown, bounded so a broken test cannot hang.
+    pub async fn stop(mut self) {
+        if let Some(proxy) = self.proxy.take() {
+            tokio::time::timeout(Duration::from_secs(30), proxy.shutdown())
+                .await
+                .expect("pgshift shuts down");
+        }
+    }
+}
+
+/// `inet_server_port()` of a connected session.
+pub async fn server_port(client: &tokio_postgres::Client) -> u16 {
+    let row = client
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .expect("inet_server_port");
+    row.get::<_, i32>(0) as u16
+}
+
+/// The SQLSTATE of a tokio-postgres error, as text.
+pub fn sqlstate(error: &tokio_postgres::Error) -> Option<String> {
+    error.code().map(|code| code.code().to_string())
+}
+
+/// The password of each test role (`None` for trusted ones).
+pub fn password_of(user: &str) -> Option<&'static str> {
+    match user {
+        "pgshift_test" => Some(super::TEST_PASSWORD),
+        "md5_user" => Some(super::MD5_PASSWORD),
+        "plain_user" => Some(super::PLAIN_PASSWORD),
+        _ => None,
+    }
+}
