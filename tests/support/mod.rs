@@ -95,7 +95,8 @@ log_line_prefix = '%m [%p] %q%u@%d '
 
 /// Roles and databases, run in single-user mode against the template's
 /// `template1` (one statement per line: single-user mode ends a statement at
-/// a newline).
+/// a newline). `{strategy}` is ` STRATEGY FILE_COPY` on PostgreSQL 15+ (no
+/// WAL copy of each database, so the template stays small).
 const SETUP_SQL: &str = "
 SET password_encryption = 'scram-sha-256';
 CREATE ROLE pgshift_test LOGIN CREATEDB REPLICATION PASSWORD 'pgshift_test_pw';
@@ -105,9 +106,9 @@ SET password_encryption = 'md5';
 CREATE ROLE md5_user LOGIN PASSWORD 'md5_pw';
 SET password_encryption = 'scram-sha-256';
 GRANT CREATE ON SCHEMA public TO PUBLIC;
-CREATE DATABASE app OWNER pgshift_test;
-CREATE DATABASE tenant_42 OWNER pgshift_test;
-CREATE DATABASE other_db OWNER pgshift_test;
+CREATE DATABASE app OWNER pgshift_test{strategy};
+CREATE DATABASE tenant_42 OWNER pgshift_test{strategy};
+CREATE DATABASE other_db OWNER pgshift_test{strategy};
 GRANT CONNECT, TEMPORARY ON DATABASE app, tenant_42, other_db TO PUBLIC;
 ";
 
@@ -132,9 +133,10 @@ host    replication  all           127.0.0.1/32   scram-sha-256
 /// `read` returns when the test process exits (or when the handle is
 /// dropped). It then stops the postmaster recorded in `postmaster.pid` (only
 /// if that process's command line mentions this data dir, so a recycled pid
-/// is never hit) and removes the dir.
+/// is never hit) and removes the dir. Reading the line `done` instead means
+/// the test process has cleaned up itself: exit at once.
 const WATCHDOG_SCRIPT: &str = r#"
-read -r _ignored
+if read -r line && [ "$line" = done ]; then exit 0; fi
 dir="$1"; data="$2"
 ours() {
   if [ -r "/proc/$1/cmdline" ]; then tr '\0' ' ' < "/proc/$1/cmdline" | grep -qF -- "$data"
@@ -331,23 +333,52 @@ fn give_to_pg_user(path: &Path) {
     }
 }
 
-/// Base dir for the temp dirs. When root, every ancestor must be traversable
-/// by the `postgres` user; if `$TMPDIR` isn't (e.g. under /root), use /tmp.
+/// Base dir for the temp dirs: `$PGSHIFT_TEST_TMPDIR` if set; else `/dev/shm`
+/// if it is a tmpfs with at least 2 GiB free (copying and initdb on a
+/// disk-backed /tmp cost seconds of system time on busy CI machines; on tmpfs
+/// tens of milliseconds); else `$TMPDIR`/`/tmp`. When root, every ancestor
+/// must be traversable by the `postgres` user; if `$TMPDIR` isn't (e.g. under
+/// /root), /tmp is used.
 fn temp_base() -> PathBuf {
-    let base = std::env::temp_dir();
-    if pg_os_user().is_none() {
-        return base;
-    }
-    let traversable = base.ancestors().all(|p| {
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    BASE.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("PGSHIFT_TEST_TMPDIR").filter(|v| !v.is_empty()) {
+            return PathBuf::from(dir);
+        }
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() && free_bytes(shm) >= 2 << 30 && traversable(shm) {
+            return shm.to_path_buf();
+        }
+        let base = std::env::temp_dir();
+        if pg_os_user().is_none() || traversable(&base) {
+            base
+        } else {
+            PathBuf::from("/tmp")
+        }
+    })
+    .clone()
+}
+
+/// Whether every ancestor of `dir` is searchable by other users.
+fn traversable(dir: &Path) -> bool {
+    dir.ancestors().all(|p| {
         fs::metadata(p)
             .map(|m| m.permissions().mode() & 0o001 != 0)
             .unwrap_or(false)
-    });
-    if traversable {
-        base
-    } else {
-        PathBuf::from("/tmp")
+    })
+}
+
+/// Free space of the filesystem holding `dir` (0 if unknown).
+fn free_bytes(dir: &Path) -> u64 {
+    let Ok(path) = CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return 0;
+    };
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and out-pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return 0;
     }
+    (st.f_bavail as u64).saturating_mul(st.f_frsize as u64)
 }
 
 /// Creates a fresh temp dir (mode 0755, owned by the server's OS user).
@@ -397,6 +428,15 @@ impl Watchdog {
             let _ = self.child.wait();
         }
     }
+
+    /// Tells the watchdog there is nothing left to clean up.
+    fn disarm(&mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"done\n");
+            drop(stdin);
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Drop for Watchdog {
@@ -430,7 +470,13 @@ fn make_template() -> Template {
             .current_dir(&root)
             .arg("-D")
             .arg(&data_dir)
-            .args(["-U", SUPERUSER, "--auth=trust", "--no-sync"])
+            .args([
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "--no-sync",
+                "--wal-segsize=1",
+            ])
             .args(["--encoding=UTF8", "--locale=C"]),
         "initdb",
     );
@@ -438,6 +484,15 @@ fn make_template() -> Template {
     fs::write(data_dir.join("pg_hba.conf"), HBA_CONF).expect("write pg_hba.conf");
 
     // Roles and databases, in single-user mode (no need to start a server).
+    let major: u32 = fs::read_to_string(data_dir.join("PG_VERSION"))
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let strategy = if major >= 15 {
+        " STRATEGY FILE_COPY"
+    } else {
+        ""
+    };
     let mut child = die_with_parent(&mut pg_command(bin.join("postgres")))
         .current_dir(&root)
         .args(["--single", "-D"])
@@ -452,7 +507,7 @@ fn make_template() -> Template {
         .stdin
         .take()
         .unwrap()
-        .write_all(SETUP_SQL.as_bytes())
+        .write_all(SETUP_SQL.replace("{strategy}", strategy).as_bytes())
         .expect("write setup SQL");
     let out = child.wait_with_output().expect("wait postgres --single");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -933,7 +988,7 @@ impl Cluster {
 }
 
 impl Drop for Cluster {
-    /// Immediate shutdown, then the temp dir is removed (by the watchdog).
+    /// Immediate shutdown, then the temp dir is removed.
     fn drop(&mut self) {
         let pid = self.postmaster_pid();
         if let Some(pid) = pid {
@@ -950,7 +1005,11 @@ impl Drop for Cluster {
             .unwrap_or_else(|e| e.into_inner())
             .take()
         {
-            w.fire();
+            if fs::remove_dir_all(&self.root_dir).is_ok() {
+                w.disarm();
+            } else {
+                w.fire(); // let the watchdog try (and retry)
+            }
         }
     }
 }
@@ -1054,3 +1113,4 @@ pub fn shared_pair() -> &'static ClusterPair {
     }
 }
 pub mod pgshift;
+pub mod wire;

@@ -18,7 +18,6 @@ pub fn config_text(pair: &ClusterPair, port: u16, extra_listen: &str, routing: &
 [listen]
 addr = "127.0.0.1:{port}"
 login_timeout = "3s"
-shutdown_timeout = "10s"
 {extra_listen}
 
 [blue]
@@ -64,7 +63,13 @@ impl TestProxy {
         seed: Option<u64>,
     ) -> TestProxy {
         let port = free_port();
-        let (dir, path) = write_config(&config_text(pair, port, extra_listen, routing));
+        TestProxy::start_from_text(port, &config_text(pair, port, extra_listen, routing), seed)
+            .await
+    }
+
+    /// Starts pgshift from a whole config text whose `[listen] addr` uses `port`.
+    pub async fn start_from_text(port: u16, text: &str, seed: Option<u64>) -> TestProxy {
+        let (dir, path) = write_config(text);
         let config =
             Config::load(&path).unwrap_or_else(|errors| panic!("test config invalid:\n{errors}"));
         let proxy = Proxy::start(config, ProxyOptions { routing_seed: seed })
