@@ -218,12 +218,11 @@ async fn private_pair_stop_start_and_kill() {
         assert!(!dir.exists(), "{} still exists", dir.display());
     }
     for pid in pids {
-        // Reaped by Drop, so the pid no longer names our postmaster.
+        // Stopped and reaped by Drop (a recycled pid is not ours).
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         assert!(
-            !std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
-                || !std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                    .unwrap_or_default()
-                    .contains("pgshift-test-")
+            !cmdline.contains("pgshift-test-"),
+            "postmaster {pid} still alive"
         );
     }
 }

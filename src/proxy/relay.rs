@@ -271,6 +271,8 @@ pub struct Relay<'a, C, B> {
     cancel_key: Option<(i32, Bytes)>,
     logged_in_reported: bool,
     backend_sent_fatal: bool,
+    /// The client sent Terminate: the backend closing next is the expected end, not a loss.
+    client_terminated: bool,
     pub requests_completed: u64,
 }
 
@@ -301,6 +303,7 @@ where
             cancel_key: None,
             logged_in_reported: false,
             backend_sent_fatal: false,
+            client_terminated: false,
             requests_completed: 0,
         };
         let now = Instant::now();
@@ -372,6 +375,11 @@ where
                     self.farewell(ClientError::fatal("08P01", format!("pgshift: {error}")))
                         .await;
                     return SessionEnd::ClientProtocolViolation(error);
+                }
+                RelayEvent::BackendClosed | RelayEvent::BackendFailed(_) if self.client_terminated => {
+                    self.to_client.flush_then(&mut self.client, None).await;
+                    let _ = self.client.shutdown().await;
+                    return SessionEnd::ClientClosed;
                 }
                 RelayEvent::BackendClosed => {
                     self.backend_lost(None).await;
@@ -455,6 +463,7 @@ where
     fn scan_client(&mut self, now: Instant) -> Result<(), BadLength> {
         let flow = &mut self.to_backend;
         while let Some(frame) = flow.framer.next_frame(flow.buffer.pending())? {
+            self.client_terminated |= frame.tag == b'X';
             self.requests.on_client_message(frame.tag, now.into_std());
         }
         Ok(())

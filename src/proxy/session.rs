@@ -109,7 +109,7 @@ pub async fn serve_client(shared: Arc<Shared>, mut client: TcpStream, peer: Sock
     let stats = shared.stats.color(color);
     stats.session_opened();
     let started = Instant::now();
-    tracing::debug!(session = ticket.id, %color, user = %facts.user, database = %facts.database, client = %peer, reason = ?route.reason, "session routed");
+    tracing::info!(session = ticket.id, %color, user = %facts.user, database = %facts.database, client = %peer, reason = ?route.reason, "session started");
     let identity = SessionIdentity {
         shared: &shared,
         session_id: ticket.id,
@@ -154,7 +154,10 @@ pub async fn serve_client(shared: Arc<Shared>, mut client: TcpStream, peer: Sock
 /// CancelRequest. `Err` is the error to send the client.
 async fn open(shared: &Shared, client: &mut TcpStream) -> Result<Opening, ClientError> {
     let mut buffer = BytesMut::with_capacity(1024);
-    let mut negotiated_encryption = false;
+    // As in Postgres, a client may ask for each kind of encryption once (libpq tries GSS
+    // first, then SSL, when its gssencmode allows).
+    let mut asked_ssl = false;
+    let mut asked_gss = false;
     loop {
         let packet = match read_first_packet(client, &mut buffer).await {
             Ok(Some(packet)) => packet,
@@ -163,14 +166,18 @@ async fn open(shared: &Shared, client: &mut TcpStream) -> Result<Opening, Client
         };
         match parse_first_packet(packet) {
             Err(error) => return Err(ClientError::fatal(error.sqlstate(), error.to_string())),
-            Ok(FirstPacket::SslRequest | FirstPacket::GssEncRequest) if negotiated_encryption => {
-                return Err(ClientError::fatal(
-                    "08P01",
-                    "invalid startup packet: encryption was already negotiated",
-                ));
-            }
-            Ok(FirstPacket::SslRequest | FirstPacket::GssEncRequest) => {
-                negotiated_encryption = true;
+            Ok(request @ (FirstPacket::SslRequest | FirstPacket::GssEncRequest)) => {
+                let asked = if request == FirstPacket::SslRequest {
+                    &mut asked_ssl
+                } else {
+                    &mut asked_gss
+                };
+                if std::mem::replace(asked, true) {
+                    return Err(ClientError::fatal(
+                        "08P01",
+                        "invalid startup packet: the same encryption was requested twice",
+                    ));
+                }
                 if client.write_all(b"N").await.is_err() {
                     return Ok(Opening::Done);
                 }

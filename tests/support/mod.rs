@@ -13,19 +13,38 @@
 //! Tests that stop, kill or otherwise damage a cluster must use their own pair,
 //! [`ClusterPair::start_private()`], which is cleaned up on drop.
 //!
+//! ```ignore
+//! mod support;
+//! use support::{shared_pair, TEST_PASSWORD, TEST_USER};
+//!
+//! #[tokio::test]
+//! async fn example() {
+//!     let pair = shared_pair();
+//!     let blue = pair.blue.connect_app().await; // pgshift_test / SCRAM / db app
+//!     let dsn = pair.green.dsn(TEST_USER, Some(TEST_PASSWORD), "app");
+//!     assert_eq!(pair.blue.psql("SELECT current_setting('cluster_name')"), "blue");
+//! }
+//! ```
+//!
 //! How the clusters are set up:
 //!
 //! * `initdb -U postgres` runs once per test binary into a template dir; roles,
 //!   databases and `pg_hba.conf` are set up in the template (single-user mode),
-//!   and each cluster gets a `cp -a` copy of it.
-//! * Each cluster lives in its own temp dir (`/tmp/pgshift-test-<color>-*`)
-//!   with the data dir, the unix socket dir and the server log inside it,
-//!   listens on a free port on 127.0.0.1 and has `cluster_name` set to its
-//!   color. Tuned for speed (`fsync=off`, ...), `wal_level=logical`.
+//!   and each cluster gets a copy of it (private pairs too).
+//! * Each cluster lives in its own temp dir (`pgshift-test-<color>-*` under
+//!   `/dev/shm` if it is a big enough tmpfs, else under `$TMPDIR`; override
+//!   with `$PGSHIFT_TEST_TMPDIR`) with the data dir, the unix socket dir
+//!   (`sock/`) and the server log (`postgres.log`) inside it, listens on a
+//!   free port on 127.0.0.1 only and has `cluster_name` set to its color (so
+//!   `SHOW cluster_name` or `inet_server_port()` tells them apart). Tuned for
+//!   speed (`fsync=off`, ...); `wal_level=logical`, 10 WAL senders/slots.
 //! * When the tests run as root, the server binaries (which refuse to run as
 //!   root) run as the `postgres` OS user; the temp dirs are chowned to it.
+//! * The postmaster is a direct child of the test process (no `pg_ctl`), so
+//!   stop/kill/restart are precise and a killed postmaster is reaped even
+//!   where PID 1 does not reap orphans.
 //!
-//! Roles (see the `pg_hba.conf` written by `write_hba`):
+//! Roles (see [`HBA_CONF`]):
 //!
 //! | user           | password           | host auth       | notes                          |
 //! |----------------|--------------------|-----------------|--------------------------------|
@@ -113,7 +132,7 @@ GRANT CONNECT, TEMPORARY ON DATABASE app, tenant_42, other_db TO PUBLIC;
 ";
 
 /// `pg_hba.conf` of every test cluster (first match wins).
-const HBA_CONF: &str = "\
+pub const HBA_CONF: &str = "\
 # TYPE  DATABASE     USER          ADDRESS        METHOD
 local   all          all                          trust
 local   replication  all                          trust
