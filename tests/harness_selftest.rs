@@ -7,7 +7,10 @@ mod support;
 use std::process::Command;
 use std::time::Instant;
 
-use support::*;
+use support::{
+    APP_DB, BULK_USER, ClusterPair, MD5_PASSWORD, MD5_USER, OTHER_DB, PLAIN_PASSWORD, PLAIN_USER,
+    SUPERUSER, TENANT_DB, TEST_PASSWORD, TEST_USER, shared_pair,
+};
 
 async fn server_port(c: &tokio_postgres::Client) -> i32 {
     c.query_one("SELECT inet_server_port()", &[])
