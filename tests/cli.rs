@@ -4,7 +4,10 @@
 use std::process::Command;
 
 fn pgshift(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pgshift")).args(args).output().expect("pgshift runs")
+    Command::new(env!("CARGO_BIN_EXE_pgshift"))
+        .args(args)
+        .output()
+        .expect("pgshift runs")
 }
 
 fn example_config() -> String {
@@ -15,10 +18,20 @@ fn example_config() -> String {
 fn check_accepts_the_example_and_says_what_is_not_active_yet() {
     let output = pgshift(&["check", "--config", &example_config()]);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("127.0.0.1:7432"), "{stdout}");
-    assert!(stdout.contains("[rollout] accepted but not active yet"), "{stdout}");
-    assert!(stdout.contains("[blue]") && stdout.contains("[green]"), "{stdout}");
+    assert!(
+        stdout.contains("[rollout] accepted but not active yet"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[blue]") && stdout.contains("[green]"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -51,10 +64,19 @@ action = "pause"
     let output = pgshift(&["check", "--config", path.to_str().expect("utf-8 path")]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    for key in ["listen.colour", "blue.port", "routing.green_weight", "rollout.steps", "rollout.trigger[0].above"] {
+    for key in [
+        "listen.colour",
+        "blue.port",
+        "routing.green_weight",
+        "rollout.steps",
+        "rollout.trigger[0].above",
+    ] {
         assert!(stderr.contains(key), "{key} not named in:\n{stderr}");
     }
-    assert!(stderr.contains(path.to_str().expect("utf-8 path")), "the file is named:\n{stderr}");
+    assert!(
+        stderr.contains(path.to_str().expect("utf-8 path")),
+        "the file is named:\n{stderr}"
+    );
 
     let run = pgshift(&["run", "--config", path.to_str().expect("utf-8 path")]);
     assert_eq!(run.status.code(), Some(2), "run refuses a broken config");

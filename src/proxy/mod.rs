@@ -77,6 +77,7 @@ impl Proxy {
             shutting_down: AtomicBool::new(false),
         });
         let (stop_accepting, stop_rx) = watch::channel(false);
+        tokio::spawn(retire_old_sessions(shared.clone(), stop_rx.clone()));
         let accept_loop = tokio::spawn(accept_clients(listener, shared.clone(), stop_rx));
         tracing::info!(addr = %local_addr, "pgshift listening");
         Ok(Proxy {
@@ -137,6 +138,38 @@ async fn wait_for_sessions(shared: &Shared, timeout: Duration) -> bool {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How often sessions are checked against `[routing] max_session_age`.
+const SESSION_AGE_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// Asks sessions older than `[routing] max_session_age` (when set) to close at their next idle
+/// point, so that application pools reconnect and follow the current weight.
+async fn retire_old_sessions(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(SESSION_AGE_CHECK_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = ticks.tick() => {}
+        }
+        let max_age = shared.config.load().routing.max_session_age;
+        if max_age.is_zero() {
+            continue;
+        }
+        if let Some(cutoff) = std::time::Instant::now().checked_sub(max_age) {
+            let retired = shared
+                .sessions
+                .order_started_before(cutoff, CloseReason::SessionAge);
+            if retired > 0 {
+                tracing::debug!(
+                    sessions = retired,
+                    ?max_age,
+                    "sessions past max_session_age will close at their next idle point"
+                );
+            }
+        }
     }
 }
 

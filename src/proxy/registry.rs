@@ -18,6 +18,8 @@ use crate::color::Color;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {
     Shutdown,
+    /// Older than `[routing] max_session_age`: closed so application pools follow the weight.
+    SessionAge,
 }
 
 impl CloseReason {
@@ -28,12 +30,16 @@ impl CloseReason {
             (CloseReason::Shutdown, true) => {
                 "terminating connection: pgshift is shutting down and shutdown_timeout passed; the open transaction was rolled back"
             }
+            (CloseReason::SessionAge, _) => {
+                "terminating connection: the session reached pgshift's max_session_age; reconnect to be routed again"
+            }
         }
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::Shutdown => "shutdown",
+            CloseReason::SessionAge => "max_session_age",
         }
     }
 }
@@ -90,7 +96,7 @@ impl SessionRegistry {
         self.lock().remove(&id);
     }
 
-    /// Sends an order to every session (of `color`, when given) that matches `filter`.
+    /// Sends an order to every session (of `color`, when given).
     /// An order never weakens: `AtIdle` does not replace `Now`.
     pub fn order(&self, color: Option<Color>, order: CloseOrder) -> usize {
         let sessions = self.lock();
@@ -109,6 +115,23 @@ impl SessionRegistry {
                 }
             });
             sent += 1;
+        }
+        sent
+    }
+
+    /// Orders every session that started before `cutoff` to close at its next idle point.
+    pub fn order_started_before(&self, cutoff: Instant, reason: CloseReason) -> usize {
+        let sessions = self.lock();
+        let mut sent = 0;
+        for entry in sessions.values().filter(|entry| entry.started < cutoff) {
+            let changed = entry.orders.send_if_modified(|current| {
+                let first = *current == CloseOrder::Run;
+                if first {
+                    *current = CloseOrder::AtIdle(reason);
+                }
+                first
+            });
+            sent += usize::from(changed);
         }
         sent
     }

@@ -376,7 +376,9 @@ where
                         .await;
                     return SessionEnd::ClientProtocolViolation(error);
                 }
-                RelayEvent::BackendClosed | RelayEvent::BackendFailed(_) if self.client_terminated => {
+                RelayEvent::BackendClosed | RelayEvent::BackendFailed(_)
+                    if self.client_terminated =>
+                {
                     self.to_client.flush_then(&mut self.client, None).await;
                     let _ = self.client.shutdown().await;
                     return SessionEnd::ClientClosed;
