@@ -79,7 +79,9 @@ fn routing_decision(c: &mut Criterion) {
         client_addr: None,
         walsender: None,
     };
-    c.bench_function("routing: sticky tenant decision", |b| b.iter(|| router.route(&facts)));
+    c.bench_function("routing: sticky tenant decision", |b| {
+        b.iter(|| router.route(&facts))
+    });
 }
 
 criterion_group!(benches, header_scan, request_accounting, routing_decision);

@@ -1,11 +1,13 @@
-//! The `pgshift` command line: `run` the proxy, `check` a config.
+//! The `pgshift` command line: `run` the proxy, steer it with `ctl`, `check` a config.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use pgshift::admin::client::{CtlArgs, run_ctl};
 use pgshift::config::Config;
-use pgshift::proxy::{Proxy, ProxyOptions};
+use pgshift::controller::{Actor, Command as ControllerCommand};
+use pgshift::server::{Server, ServerOptions, state_store};
 
 #[derive(Parser)]
 #[command(
@@ -28,7 +30,12 @@ enum Command {
         /// Log format on stderr (filter with RUST_LOG, e.g. RUST_LOG=pgshift=debug).
         #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "PGSHIFT_LOG_FORMAT")]
         log_format: LogFormat,
+        /// Discard the saved routing state ([rollout] state_file) and start from the config.
+        #[arg(long)]
+        reset_state: bool,
     },
+    /// Send one admin command to a running pgshift and print the reply.
+    Ctl(CtlArgs),
     /// Validate a config file and print what it would do; every problem is listed.
     Check {
         /// The TOML config file.
@@ -44,13 +51,32 @@ enum LogFormat {
 }
 
 /// Config sections this build puts to work; the others are accepted and reported as inactive.
-const ACTIVE_SECTIONS: &[&str] = &["listen", "blue", "green", "routing"];
+const ACTIVE_SECTIONS: &[&str] = &["listen", "admin", "blue", "green", "routing"];
+
+/// `pgshift ctl`'s exit code for a usage error (sysexits' EX_USAGE).
+const CTL_USAGE_ERROR: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let under_ctl = std::env::args().nth(1).as_deref() == Some("ctl");
+            let _ = error.print();
+            return match error.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                _ if under_ctl => ExitCode::from(CTL_USAGE_ERROR),
+                _ => ExitCode::from(2),
+            };
+        }
+    };
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config, log_format } => run(&config, log_format),
+        Command::Run {
+            config,
+            log_format,
+            reset_state,
+        } => run(&config, log_format, reset_state),
+        Command::Ctl(args) => run_ctl(args),
     }
 }
 
@@ -69,6 +95,23 @@ fn check(path: &std::path::Path) -> ExitCode {
     };
     for line in config.describe(ACTIVE_SECTIONS) {
         println!("{line}");
+    }
+    let store = state_store(&config);
+    match store.load() {
+        Ok(Some(saved)) => println!(
+            "[rollout] the state file {} holds green weight {} (state {}): it wins over [routing] green_weight at start (run --reset-state discards it)",
+            store.describe(),
+            pgshift::config::format_percent(saved.green_weight_bp),
+            saved.state.as_str()
+        ),
+        Ok(None) => println!(
+            "[rollout] no saved state in {}: pgshift starts from [routing] green_weight",
+            store.describe()
+        ),
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
     }
     for warning in config.warnings() {
         println!("warning: {warning}");
@@ -100,7 +143,7 @@ fn file_limit_warning(max_clients: usize) -> Option<String> {
     })
 }
 
-fn run(path: &std::path::Path, log_format: LogFormat) -> ExitCode {
+fn run(path: &std::path::Path, log_format: LogFormat, reset_state: bool) -> ExitCode {
     init_tracing(log_format);
     let config = match Config::load(path) {
         Ok(config) => config,
@@ -131,14 +174,33 @@ fn run(path: &std::path::Path, log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, path.to_path_buf(), reset_state))
 }
 
-async fn serve(config: Config) -> ExitCode {
-    let proxy = match Proxy::start(config, ProxyOptions::default()).await {
-        Ok(proxy) => proxy,
+async fn serve(config: Config, path: PathBuf, reset_state: bool) -> ExitCode {
+    let options = ServerOptions {
+        reset_state,
+        ..ServerOptions::default()
+    };
+    let server = match Server::start(config, path, options).await {
+        Ok(server) => server,
         Err(error) => {
             tracing::error!("{error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let controller = server.controller().clone();
+    let reloads = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangups) => tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match controller.execute(ControllerCommand::Reload, Actor::Signal).await {
+                    Ok(_) => {}
+                    Err(error) => tracing::error!("SIGHUP: {error}"),
+                }
+            }
+        }),
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP");
             return ExitCode::FAILURE;
         }
     };
@@ -154,7 +216,8 @@ async fn serve(config: Config) -> ExitCode {
         signal = name,
         "graceful shutdown started (send it again to exit at once)"
     );
-    let shutdown = proxy.shutdown();
+    reloads.abort();
+    let shutdown = server.shutdown();
     tokio::select! {
         _ = shutdown => ExitCode::SUCCESS,
         name = signals.next() => {

@@ -13,14 +13,18 @@ use std::time::Duration;
 
 use pgshift::color::Color;
 use support::pgshift::{TestProxy, server_port, sqlstate};
+use support::wire::{
+    GSSENC_REQUEST, RawError, SSL_REQUEST, TERMINATE, cancel_packet, error_field, expect_message,
+    raw_error, read_byte, read_until_closed, send_query, split_messages, startup_packet,
+};
 use support::{BULK_USER, ClusterPair, TEST_USER, shared_pair};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 // ---------------------------------------------------------------------------
-// Raw-protocol helpers
+// Raw-protocol helpers (the wire format itself is in `support::wire`)
 // ---------------------------------------------------------------------------
 
 /// The harness's `[listen] login_timeout`.
@@ -29,149 +33,52 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(3);
 const PROMPT: Duration = Duration::from_secs(3);
 
 const PROTOCOL_3_0: u32 = 3 << 16;
-const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 47];
-const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 48];
-const CANCEL_REQUEST_CODE: u32 = 80_877_102;
-const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+/// The two requests a client may send before its StartupMessage, with their names.
+const ENCRYPTION_REQUESTS: [([u8; 8], &str); 2] = [
+    (SSL_REQUEST, "SSLRequest"),
+    (GSSENC_REQUEST, "GSSENCRequest"),
+];
 
-/// A StartupMessage (or anything shaped like one) with `version` and `parameters`.
-fn startup_packet(version: u32, parameters: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = version.to_be_bytes().to_vec();
-    for (name, value) in parameters {
-        body.extend_from_slice(name.as_bytes());
-        body.push(0);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend(body);
-    packet
+/// A protocol 3.0 StartupMessage for the trusted bulk user and database `app`.
+fn bulk_startup() -> Vec<u8> {
+    startup_packet(3, 0, &[("user", BULK_USER), ("database", "app")])
 }
 
-/// A CancelRequest for `pid` with a 4-byte `secret`.
-fn cancel_packet(pid: i32, secret: [u8; 4]) -> Vec<u8> {
-    let mut packet = 16u32.to_be_bytes().to_vec();
-    packet.extend(CANCEL_REQUEST_CODE.to_be_bytes());
-    packet.extend(pid.to_be_bytes());
-    packet.extend(secret);
-    packet
+/// The first 20 bytes of a StartupMessage whose length word claims 100.
+fn truncated_startup() -> Vec<u8> {
+    let mut partial = 100u32.to_be_bytes().to_vec();
+    partial.extend(PROTOCOL_3_0.to_be_bytes());
+    partial.extend_from_slice(b"user\0bulk\0");
+    partial.resize(20, 0);
+    partial
 }
 
 async fn raw_connect(proxy: &TestProxy) -> TcpStream {
-    let stream = tokio::time::timeout(PROMPT, TcpStream::connect(("127.0.0.1", proxy.port)))
-        .await
-        .expect("TCP connect to pgshift in time")
-        .expect("TCP connect to pgshift");
-    stream.set_nodelay(true).expect("TCP_NODELAY");
+    support::wire::connect(proxy.port, PROMPT).await
+}
+
+/// A raw connection that has sent `request` (SSLRequest or GSSENCRequest, perhaps with more
+/// bytes behind it) and read the answer, which must be `N`.
+async fn declined(proxy: &TestProxy, request: &[u8], what: &str) -> TcpStream {
+    let mut stream = raw_connect(proxy).await;
+    stream.write_all(request).await.expect("send");
+    assert_eq!(read_byte(&mut stream, PROMPT).await, b'N', "{what}");
     stream
 }
 
-/// Reads until the peer closes (EOF or a reset) and returns everything read; `Err` with what
-/// was read if the connection is still open after `limit`.
-async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> Result<Vec<u8>, Vec<u8>> {
-    let deadline = Instant::now() + limit;
-    let mut received = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Ok(received),
-            Ok(Ok(count)) => received.extend_from_slice(&chunk[..count]),
-            Err(_) => return Err(received),
-        }
-    }
-}
-
-/// Reads exactly one byte (the answer to SSLRequest / GSSENCRequest).
-async fn read_byte(stream: &mut TcpStream) -> u8 {
-    let mut byte = [0u8; 1];
-    tokio::time::timeout(PROMPT, stream.read_exact(&mut byte))
+/// A raw connection that has sent [`bulk_startup`].
+async fn raw_bulk_login(proxy: &TestProxy) -> TcpStream {
+    let mut stream = raw_connect(proxy).await;
+    stream
+        .write_all(&bulk_startup())
         .await
-        .expect("a one-byte answer in time")
-        .expect("a one-byte answer");
-    byte[0]
+        .expect("send startup");
+    stream
 }
 
-/// Reads one backend message: its tag and body.
-async fn read_message(stream: &mut TcpStream) -> (u8, Vec<u8>) {
-    let read = async {
-        let mut header = [0u8; 5];
-        stream.read_exact(&mut header).await?;
-        let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        assert!(
-            (4..=1 << 20).contains(&length),
-            "implausible message length {length} (tag {:?})",
-            header[0] as char
-        );
-        let mut body = vec![0u8; length - 4];
-        stream.read_exact(&mut body).await?;
-        Ok::<_, std::io::Error>((header[0], body))
-    };
-    tokio::time::timeout(PROMPT, read)
-        .await
-        .expect("a message in time")
-        .expect("a whole message")
-}
-
-/// Splits a byte stream into (tag, body) messages; panics on a trailing partial message.
-fn split_messages(mut bytes: &[u8]) -> Vec<(u8, Vec<u8>)> {
-    let mut messages = Vec::new();
-    while !bytes.is_empty() {
-        assert!(bytes.len() >= 5, "partial message header: {bytes:?}");
-        let length = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
-        assert!(
-            length >= 4 && bytes.len() > length,
-            "partial message (tag {:?}, length {length}, {} bytes left)",
-            bytes[0] as char,
-            bytes.len()
-        );
-        messages.push((bytes[0], bytes[5..1 + length].to_vec()));
-        bytes = &bytes[1 + length..];
-    }
-    messages
-}
-
-/// One field (`b'C'` SQLSTATE, `b'M'` message, `b'S'` severity …) of an ErrorResponse body.
-fn error_field(body: &[u8], field: u8) -> Option<String> {
-    let mut rest = body;
-    while let Some((&code, tail)) = rest.split_first() {
-        if code == 0 {
-            return None;
-        }
-        let end = tail.iter().position(|&b| b == 0)?;
-        if code == field {
-            return Some(String::from_utf8_lossy(&tail[..end]).into_owned());
-        }
-        rest = &tail[end + 1..];
-    }
-    None
-}
-
-/// What an ErrorResponse said: SQLSTATE, message, severity.
-#[derive(Debug)]
-struct RawError {
-    sqlstate: String,
-    message: String,
-    severity: String,
-}
-
-fn raw_error(tag: u8, body: &[u8]) -> RawError {
-    assert_eq!(
-        tag as char,
-        'E',
-        "expected an ErrorResponse, got {:?}: {:?}",
-        tag as char,
-        String::from_utf8_lossy(body)
-    );
-    RawError {
-        sqlstate: error_field(body, b'C').expect("SQLSTATE field"),
-        message: error_field(body, b'M').expect("message field"),
-        severity: error_field(body, b'S').expect("severity field"),
-    }
-}
-
-/// Reads to the close (within [`PROMPT`]) and expects exactly one ErrorResponse.
-async fn expect_error_then_close(stream: &mut TcpStream, what: &str) -> RawError {
+/// Reads to the close (within [`PROMPT`]) and expects exactly one ErrorResponse: a FATAL with
+/// `sqlstate`.
+async fn expect_fatal_then_close(stream: &mut TcpStream, sqlstate: &str, what: &str) -> RawError {
     let bytes = read_until_closed(stream, PROMPT)
         .await
         .unwrap_or_else(|got| {
@@ -189,6 +96,7 @@ async fn expect_error_then_close(stream: &mut TcpStream, what: &str) -> RawError
     );
     let error = raw_error(messages[0].0, &messages[0].1);
     assert_eq!(error.severity, "FATAL", "{what}: {error:?}");
+    assert_eq!(error.sqlstate, sqlstate, "{what}: {error:?}");
     error
 }
 
@@ -196,19 +104,17 @@ async fn expect_error_then_close(stream: &mut TcpStream, what: &str) -> RawError
 async fn expect_refusal(proxy: &TestProxy, bytes: &[u8], sqlstate: &str, what: &str) -> RawError {
     let mut stream = raw_connect(proxy).await;
     stream.write_all(bytes).await.expect("send");
-    let error = expect_error_then_close(&mut stream, what).await;
-    assert_eq!(error.sqlstate, sqlstate, "{what}: {error:?}");
-    error
+    expect_fatal_then_close(&mut stream, sqlstate, what).await
 }
 
 /// After a StartupMessage for a trusted user: AuthenticationOk … ReadyForQuery (idle).
 async fn expect_trusted_login(stream: &mut TcpStream, what: &str) {
-    let (tag, body) = read_message(stream).await;
+    let (tag, body) = expect_message(stream, PROMPT).await;
     assert_eq!(tag, b'R', "{what}: first message {:?}", tag as char);
     assert_eq!(&body[..4], &0u32.to_be_bytes(), "{what}: AuthenticationOk");
     let mut seen = Vec::new();
     loop {
-        let (tag, body) = read_message(stream).await;
+        let (tag, body) = expect_message(stream, PROMPT).await;
         seen.push(tag as char);
         assert_ne!(tag, b'E', "{what}: error {:?}", error_field(&body, b'M'));
         if tag == b'Z' {
@@ -291,8 +197,9 @@ async fn simple_pid(client: &tokio_postgres::Client) -> i32 {
         .expect("a pid row")
 }
 
-/// Waits (up to 3 s) until backend `pid` is running `pg_sleep`, seen from a direct connection.
-async fn wait_until_sleeping(admin: &tokio_postgres::Client, pid: i32) -> bool {
+/// Waits (up to 3 s) until backend `pid` is running `pg_sleep`, seen from a direct connection;
+/// panics if it does not.
+async fn expect_sleeping(admin: &tokio_postgres::Client, pid: i32) {
     let deadline = Instant::now() + PROMPT;
     while Instant::now() < deadline {
         let row = admin
@@ -304,11 +211,84 @@ async fn wait_until_sleeping(admin: &tokio_postgres::Client, pid: i32) -> bool {
             .await
             .expect("pg_stat_activity");
         if row.get::<_, i64>(0) == 1 {
-            return true;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    false
+    panic!("pg_sleep did not start on backend {pid}");
+}
+
+/// A superuser connection straight to blue (not through pgshift).
+async fn blue_admin(pair: &ClusterPair) -> tokio_postgres::Client {
+    pair.blue
+        .connect(support::SUPERUSER, None, "postgres")
+        .await
+        .expect("superuser connection to blue")
+}
+
+/// `pg_terminate_backend(pid)`, which must succeed.
+async fn terminate_backend(admin: &tokio_postgres::Client, pid: i32) {
+    let terminated: bool = admin
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate")
+        .get(0);
+    assert!(terminated);
+}
+
+/// Every color's `request_errors` counter.
+fn request_errors(proxy: &TestProxy) -> Vec<u64> {
+    Color::ALL
+        .iter()
+        .map(|&color| {
+            proxy
+                .proxy()
+                .shared()
+                .stats
+                .color(color)
+                .snapshot()
+                .request_errors
+        })
+        .collect()
+}
+
+/// The proxy's `cancel_unknown` counter.
+fn cancel_unknown(proxy: &TestProxy) -> u64 {
+    proxy
+        .proxy()
+        .shared()
+        .stats
+        .cancel_unknown
+        .load(Ordering::Relaxed)
+}
+
+/// Sends a CancelRequest on a new raw connection: the proxy closes it without a word.
+async fn expect_silent_cancel(proxy: &TestProxy, pid: i32, secret: &[u8], what: &str) {
+    let mut stream = raw_connect(proxy).await;
+    stream
+        .write_all(&cancel_packet(pid, secret))
+        .await
+        .expect("send");
+    let bytes = read_until_closed(&mut stream, PROMPT)
+        .await
+        .unwrap_or_else(|got| panic!("{what}: not closed after {PROMPT:?} ({got:?})"));
+    assert!(
+        bytes.is_empty(),
+        "{what}: nothing is sent for a cancel: {bytes:?}"
+    );
+}
+
+/// How long after `started` the proxy closed `stream` (within `limit`), and what it sent.
+async fn closed_after(
+    stream: &mut TcpStream,
+    started: Instant,
+    limit: Duration,
+    what: &str,
+) -> (Duration, Vec<u8>) {
+    let bytes = read_until_closed(stream, limit)
+        .await
+        .unwrap_or_else(|got| panic!("{what} is not closed within {limit:?} ({got:?})"));
+    (started.elapsed(), bytes)
 }
 
 /// Polls `condition` every 20 ms until it holds or `limit` passes.
@@ -461,18 +441,18 @@ async fn malformed_startup_packets_are_refused_with_the_contract_sqlstates() {
     }
 
     let what = "protocol 2.0";
-    let error = expect_refusal(&proxy, &startup_packet(2 << 16, &valid), "0A000", what).await;
+    let error = expect_refusal(&proxy, &startup_packet(2, 0, &valid), "0A000", what).await;
     assert!(error.message.contains("protocol"), "{error:?}");
     assert_proxy_serves(&proxy, what).await;
 
     let what = "protocol 4.0";
-    expect_refusal(&proxy, &startup_packet(4 << 16, &valid), "0A000", what).await;
+    expect_refusal(&proxy, &startup_packet(4, 0, &valid), "0A000", what).await;
     assert_proxy_serves(&proxy, what).await;
 
     let what = "no user parameter";
     let error = expect_refusal(
         &proxy,
-        &startup_packet(PROTOCOL_3_0, &[("database", "app")]),
+        &startup_packet(3, 0, &[("database", "app")]),
         "28000",
         what,
     )
@@ -481,7 +461,7 @@ async fn malformed_startup_packets_are_refused_with_the_contract_sqlstates() {
     assert_proxy_serves(&proxy, what).await;
 
     let what = "unterminated parameter list";
-    let mut unterminated = startup_packet(PROTOCOL_3_0, &valid);
+    let mut unterminated = startup_packet(3, 0, &valid);
     unterminated.pop();
     let length = unterminated.len() as u32;
     unterminated[..4].copy_from_slice(&length.to_be_bytes());
@@ -498,11 +478,7 @@ async fn malformed_startup_packets_are_refused_with_the_contract_sqlstates() {
 
     let what = "a lying length, then the write half closed";
     let mut stream = raw_connect(&proxy).await;
-    let mut partial = 100u32.to_be_bytes().to_vec();
-    partial.extend(PROTOCOL_3_0.to_be_bytes());
-    partial.extend_from_slice(b"user\0bulk\0");
-    partial.resize(20, 0);
-    stream.write_all(&partial).await.expect("send");
+    stream.write_all(&truncated_startup()).await.expect("send");
     stream.shutdown().await.expect("close the write half");
     let bytes = read_until_closed(&mut stream, PROMPT)
         .await
@@ -521,25 +497,17 @@ async fn malformed_startup_packets_are_refused_with_the_contract_sqlstates() {
 async fn ssl_and_gssenc_requests_are_answered_n() {
     let pair = shared_pair();
     let proxy = TestProxy::start(pair, "", "green_weight = 50", None).await;
-    let startup = startup_packet(PROTOCOL_3_0, &[("user", BULK_USER), ("database", "app")]);
+    let startup = bulk_startup();
 
-    for (request, name) in [
-        (SSL_REQUEST, "SSLRequest"),
-        (GSSENC_REQUEST, "GSSENCRequest"),
-    ] {
-        let mut stream = raw_connect(&proxy).await;
-        stream.write_all(&request).await.expect("send");
-        assert_eq!(read_byte(&mut stream).await, b'N', "{name} answered N");
+    for (request, name) in ENCRYPTION_REQUESTS {
+        let mut stream = declined(&proxy, &request, &format!("{name} answered N")).await;
         stream.write_all(&startup).await.expect("send startup");
         expect_trusted_login(&mut stream, &format!("login after {name}")).await;
         // A query on the raw session, to be sure it is relayed.
-        let mut query = vec![b'Q'];
-        query.extend(((4 + 9) as u32).to_be_bytes());
-        query.extend_from_slice(b"SELECT 7\0");
-        stream.write_all(&query).await.expect("Query");
+        send_query(&mut stream, "SELECT 7").await;
         let mut tags = Vec::new();
         loop {
-            let (tag, _) = read_message(&mut stream).await;
+            let (tag, _) = expect_message(&mut stream, PROMPT).await;
             tags.push(tag as char);
             if tag == b'Z' {
                 break;
@@ -551,18 +519,12 @@ async fn ssl_and_gssenc_requests_are_answered_n() {
     }
 
     // Bytes buffered behind the request: N, then 08P01, then the close.
-    for (request, name) in [
-        (SSL_REQUEST, "SSLRequest"),
-        (GSSENC_REQUEST, "GSSENCRequest"),
-    ] {
+    for (request, name) in ENCRYPTION_REQUESTS {
         let what = format!("{name} with a StartupMessage in the same write");
-        let mut stream = raw_connect(&proxy).await;
         let mut bytes = request.to_vec();
         bytes.extend_from_slice(&startup);
-        stream.write_all(&bytes).await.expect("send");
-        assert_eq!(read_byte(&mut stream).await, b'N', "{what}");
-        let error = expect_error_then_close(&mut stream, &what).await;
-        assert_eq!(error.sqlstate, "08P01", "{what}: {error:?}");
+        let mut stream = declined(&proxy, &bytes, &what).await;
+        let error = expect_fatal_then_close(&mut stream, "08P01", &what).await;
         assert!(
             error
                 .message
@@ -574,12 +536,9 @@ async fn ssl_and_gssenc_requests_are_answered_n() {
 
     // A second SSLRequest after the first was answered is refused, not answered again.
     let what = "two SSLRequests";
-    let mut stream = raw_connect(&proxy).await;
+    let mut stream = declined(&proxy, &SSL_REQUEST, what).await;
     stream.write_all(&SSL_REQUEST).await.expect("send");
-    assert_eq!(read_byte(&mut stream).await, b'N', "{what}");
-    stream.write_all(&SSL_REQUEST).await.expect("send");
-    let error = expect_error_then_close(&mut stream, what).await;
-    assert_eq!(error.sqlstate, "08P01", "{what}: {error:?}");
+    expect_fatal_then_close(&mut stream, "08P01", what).await;
     assert_proxy_serves(&proxy, what).await;
 
     proxy.stop().await;
@@ -591,43 +550,14 @@ async fn ssl_and_gssenc_requests_are_answered_n() {
 async fn terminate_then_wait_gets_a_quiet_close() {
     let pair = shared_pair();
     let proxy = TestProxy::start(pair, "", "green_weight = 50", None).await;
-    let errors_before: Vec<u64> = Color::ALL
-        .iter()
-        .map(|&color| {
-            proxy
-                .proxy()
-                .shared()
-                .stats
-                .color(color)
-                .snapshot()
-                .request_errors
-        })
-        .collect();
+    let errors_before = request_errors(&proxy);
     for round in 0..3 {
-        let mut stream = raw_connect(&proxy).await;
-        stream
-            .write_all(&startup_packet(
-                PROTOCOL_3_0,
-                &[("user", BULK_USER), ("database", "app")],
-            ))
-            .await
-            .expect("send startup");
+        let mut stream = raw_bulk_login(&proxy).await;
         let what = format!("Terminate, round {round}");
         expect_trusted_login(&mut stream, &what).await;
         expect_quiet_terminate(&mut stream, &what).await;
     }
-    let errors_after: Vec<u64> = Color::ALL
-        .iter()
-        .map(|&color| {
-            proxy
-                .proxy()
-                .shared()
-                .stats
-                .color(color)
-                .snapshot()
-                .request_errors
-        })
-        .collect();
+    let errors_after = request_errors(&proxy);
     assert_eq!(errors_before, errors_after, "a Terminate counts no error");
     assert_proxy_serves(&proxy, "Terminate").await;
     proxy.stop().await;
@@ -643,36 +573,28 @@ async fn stalled_logins_end_at_login_timeout() {
 
     let silent = async {
         let mut stream = raw_connect(&proxy).await;
-        let started = Instant::now();
-        let bytes = read_until_closed(&mut stream, upper)
-            .await
-            .expect("a silent client is closed within 5 s");
-        (started.elapsed(), bytes)
+        closed_after(&mut stream, Instant::now(), upper, "a silent client").await
     };
 
     let stalled_length = async {
         let mut stream = raw_connect(&proxy).await;
         let started = Instant::now();
-        let mut partial = 100u32.to_be_bytes().to_vec();
-        partial.extend(PROTOCOL_3_0.to_be_bytes());
-        partial.extend_from_slice(b"user\0bulk\0");
-        partial.resize(20, 0);
-        stream.write_all(&partial).await.expect("send");
-        let bytes = read_until_closed(&mut stream, upper)
-            .await
-            .expect("a stalled startup packet is closed within 5 s");
-        (started.elapsed(), bytes)
+        stream.write_all(&truncated_startup()).await.expect("send");
+        closed_after(&mut stream, started, upper, "a stalled startup packet").await
     };
 
     let stalled_after_ssl = async {
         let mut stream = raw_connect(&proxy).await;
         let started = Instant::now();
         stream.write_all(&SSL_REQUEST).await.expect("send");
-        assert_eq!(read_byte(&mut stream).await, b'N');
-        let bytes = read_until_closed(&mut stream, upper)
-            .await
-            .expect("a client silent after SSLRequest is closed within 5 s");
-        (started.elapsed(), bytes)
+        assert_eq!(read_byte(&mut stream, PROMPT).await, b'N');
+        closed_after(
+            &mut stream,
+            started,
+            upper,
+            "a client silent after SSLRequest",
+        )
+        .await
     };
 
     let unanswered_sasl = async {
@@ -680,18 +602,22 @@ async fn stalled_logins_end_at_login_timeout() {
         let started = Instant::now();
         stream
             .write_all(&startup_packet(
-                PROTOCOL_3_0,
+                3,
+                0,
                 &[("user", TEST_USER), ("database", "app")],
             ))
             .await
             .expect("send");
-        let (tag, body) = read_message(&mut stream).await;
+        let (tag, body) = expect_message(&mut stream, PROMPT).await;
         assert_eq!(tag, b'R', "an authentication request");
         assert_eq!(&body[..4], &10u32.to_be_bytes(), "AuthenticationSASL");
-        let bytes = read_until_closed(&mut stream, upper)
-            .await
-            .expect("a client that never answers SASL is closed within 5 s");
-        (started.elapsed(), bytes)
+        closed_after(
+            &mut stream,
+            started,
+            upper,
+            "a client that never answers SASL",
+        )
+        .await
     };
 
     let (silent, stalled_length, stalled_after_ssl, unanswered_sasl) =
@@ -745,37 +671,21 @@ async fn stalled_logins_end_at_login_timeout() {
 async fn unknown_cancel_keys_are_dropped_silently() {
     let pair = shared_pair();
     let proxy = TestProxy::start(pair, "", "green_weight = 50", None).await;
-    let unknown_before = proxy
-        .proxy()
-        .shared()
-        .stats
-        .cancel_unknown
-        .load(Ordering::Relaxed);
+    let unknown_before = cancel_unknown(&proxy);
     for (pid, secret) in [(12345, [1, 2, 3, 4]), (0, [0, 0, 0, 0]), (-1, [255; 4])] {
-        let mut stream = raw_connect(&proxy).await;
-        stream
-            .write_all(&cancel_packet(pid, secret))
-            .await
-            .expect("send");
-        let bytes = read_until_closed(&mut stream, PROMPT)
-            .await
-            .expect("closed after an unknown cancel key");
-        assert!(bytes.is_empty(), "nothing is sent for a cancel: {bytes:?}");
+        expect_silent_cancel(&proxy, pid, &secret, "an unknown cancel key").await;
         assert_proxy_serves(&proxy, "an unknown cancel key").await;
     }
-    let unknown_after = proxy
-        .proxy()
-        .shared()
-        .stats
-        .cancel_unknown
-        .load(Ordering::Relaxed);
+    let unknown_after = cancel_unknown(&proxy);
     assert_eq!(unknown_after - unknown_before, 3);
     // A malformed cancel (a 2-byte key) is a bad startup packet.
-    let mut short = 14u32.to_be_bytes().to_vec();
-    short.extend(CANCEL_REQUEST_CODE.to_be_bytes());
-    short.extend(7i32.to_be_bytes());
-    short.extend([1, 2]);
-    expect_refusal(&proxy, &short, "08P01", "a 2-byte cancel key").await;
+    expect_refusal(
+        &proxy,
+        &cancel_packet(7, &[1, 2]),
+        "08P01",
+        "a 2-byte cancel key",
+    )
+    .await;
     assert_proxy_serves(&proxy, "a malformed cancel").await;
     proxy.stop().await;
 }
@@ -793,41 +703,17 @@ async fn max_clients_refuses_with_53300_but_never_a_cancel() {
         .expect_err("a third client is refused");
     assert_eq!(sqlstate(&error).as_deref(), Some("53300"), "{error}");
     // Raw, too: the refusal is one FATAL ErrorResponse, then the close.
-    expect_refusal(
-        &proxy,
-        &startup_packet(PROTOCOL_3_0, &[("user", BULK_USER), ("database", "app")]),
-        "53300",
-        "a raw third client",
-    )
-    .await;
+    expect_refusal(&proxy, &bulk_startup(), "53300", "a raw third client").await;
 
     // While full, an unknown cancel key is still read and dropped without an error ...
-    let mut stream = raw_connect(&proxy).await;
-    stream
-        .write_all(&cancel_packet(4242, [9, 9, 9, 9]))
-        .await
-        .expect("send");
-    let bytes = read_until_closed(&mut stream, PROMPT)
-        .await
-        .expect("cancel closed while full");
-    assert!(
-        bytes.is_empty(),
-        "no error for a cancel while full: {bytes:?}"
-    );
+    expect_silent_cancel(&proxy, 4242, &[9, 9, 9, 9], "a cancel while full").await;
 
     // ... and a real one is forwarded: the running query is cancelled.
     let token = first.cancel_token();
     let pid = simple_pid(&first).await;
     let sleeper = tokio::spawn(async move { first.simple_query("SELECT pg_sleep(30)").await });
-    let admin = pair
-        .blue
-        .connect(support::SUPERUSER, None, "postgres")
-        .await
-        .expect("superuser connection to blue");
-    assert!(
-        wait_until_sleeping(&admin, pid).await,
-        "pg_sleep did not start on backend {pid}"
-    );
+    let admin = blue_admin(pair).await;
+    expect_sleeping(&admin, pid).await;
     token
         .cancel_query(tokio_postgres::NoTls)
         .await
@@ -877,23 +763,14 @@ async fn killed_backends_end_their_sessions_cleanly() {
     let blue = pair.blue.port();
     let proxy = TestProxy::start(&pair, "", "green_weight = 0", None).await;
     let shared = proxy.proxy().shared().clone();
-    let admin = pair
-        .blue
-        .connect(support::SUPERUSER, None, "postgres")
-        .await
-        .expect("superuser connection to blue");
+    let admin = blue_admin(&pair).await;
 
     // pg_terminate_backend: the backend's own FATAL 57P01 reaches the client.
     // (Simple protocol only: a dropped prepared statement would leave a Close in flight, and
     // tokio-postgres hands an unsolicited FATAL to that request instead of the connection.)
     let (client, connection) = connect_watched(&proxy.bulk_dsn()).await;
     let pid = simple_pid(&client).await;
-    let terminated: bool = admin
-        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .expect("terminate")
-        .get(0);
-    assert!(terminated);
+    terminate_backend(&admin, pid).await;
     let ended = tokio::time::timeout(Duration::from_secs(5), connection)
         .await
         .expect("the client hears of the termination promptly")
@@ -906,17 +783,10 @@ async fn killed_backends_end_their_sessions_cleanly() {
     assert_proxy_serves(&proxy, "pg_terminate_backend").await;
 
     // The same on a raw socket: exactly the backend's FATAL, and no 08006 of pgshift's after it.
-    let mut stream = raw_connect(&proxy).await;
-    stream
-        .write_all(&startup_packet(
-            PROTOCOL_3_0,
-            &[("user", BULK_USER), ("database", "app")],
-        ))
-        .await
-        .expect("send startup");
+    let mut stream = raw_bulk_login(&proxy).await;
     let mut pid = None;
     loop {
-        let (tag, body) = read_message(&mut stream).await;
+        let (tag, body) = expect_message(&mut stream, PROMPT).await;
         match tag {
             b'K' => pid = Some(i32::from_be_bytes([body[0], body[1], body[2], body[3]])),
             b'Z' => break,
@@ -925,14 +795,8 @@ async fn killed_backends_end_their_sessions_cleanly() {
         }
     }
     let pid = pid.expect("BackendKeyData");
-    let terminated: bool = admin
-        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .expect("terminate")
-        .get(0);
-    assert!(terminated);
-    let error = expect_error_then_close(&mut stream, "raw session terminated").await;
-    assert_eq!(error.sqlstate, "57P01", "{error:?}");
+    terminate_backend(&admin, pid).await;
+    let error = expect_fatal_then_close(&mut stream, "57P01", "raw session terminated").await;
     assert!(
         error.message.contains("administrator command"),
         "the backend's own message: {error:?}"
@@ -954,10 +818,7 @@ async fn killed_backends_end_their_sessions_cleanly() {
         let result = sleeper.simple_query("SELECT pg_sleep(30)").await;
         (result, Instant::now())
     });
-    assert!(
-        wait_until_sleeping(&admin, pid).await,
-        "pg_sleep did not start on backend {pid}"
-    );
+    expect_sleeping(&admin, pid).await;
     let killed_at = Instant::now();
     // SAFETY: kill(2) on a backend pid of our own private cluster.
     let rc = unsafe { libc::kill(pid, libc::SIGKILL) };

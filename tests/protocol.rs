@@ -3,11 +3,42 @@
 
 mod support;
 
+use std::path::Path;
 use std::process::Command;
 
 use futures_util::SinkExt;
 use support::pgshift::{TestProxy, password_of, server_port};
 use support::shared_pair;
+
+/// pgbench with `args`, as `bulk` on database `other_db` at `127.0.0.1:port`.
+fn pgbench(bin: &Path, port: u16, args: &[&str]) -> Command {
+    let mut command = Command::new(bin);
+    command.args(args).args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        "bulk",
+        "other_db",
+    ]);
+    command
+}
+
+/// Runs `command` off the async runtime and returns its stdout; panics unless it exits 0.
+async fn run_ok(mut command: Command, what: &str) -> String {
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .unwrap_or_else(|error| panic!("{what}: {error}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{what} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_auth_method_passes_through() {
@@ -222,61 +253,19 @@ async fn pgbench_prepared_runs_without_failures() {
     let proxy = TestProxy::start(pair, "", "green_weight = 50\nsticky = \"database\"", None).await;
     // pgbench's tables live in other_db on both colors.
     for cluster in pair.both() {
-        let init = Command::new(cluster.bin("pgbench"))
-            .args([
-                "-i",
-                "-q",
-                "-s",
-                "1",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &cluster.port().to_string(),
-                "-U",
-                "bulk",
-                "other_db",
-            ])
-            .output()
-            .expect("pgbench -i");
-        assert!(
-            init.status.success(),
-            "{}",
-            String::from_utf8_lossy(&init.stderr)
+        let init = pgbench(
+            &cluster.bin("pgbench"),
+            cluster.port(),
+            &["-i", "-q", "-s", "1"],
         );
+        run_ok(init, "pgbench -i").await;
     }
-    let port = proxy.port.to_string();
-    let bin = pair.blue.bin("pgbench");
-    let run = tokio::task::spawn_blocking(move || {
-        Command::new(bin)
-            .args([
-                "-n",
-                "-M",
-                "prepared",
-                "-c",
-                "4",
-                "-j",
-                "2",
-                "-T",
-                "3",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "bulk",
-                "other_db",
-            ])
-            .output()
-            .expect("pgbench")
-    })
-    .await
-    .expect("join");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "pgbench failed: {stdout}\n{}",
-        String::from_utf8_lossy(&run.stderr)
+    let run = pgbench(
+        &pair.blue.bin("pgbench"),
+        proxy.port,
+        &["-n", "-M", "prepared", "-c", "4", "-j", "2", "-T", "3"],
     );
+    let stdout = run_ok(run, "pgbench").await;
     assert!(
         stdout.contains("number of failed transactions: 0 (0.000%)"),
         "{stdout}"
@@ -288,28 +277,16 @@ async fn pgbench_prepared_runs_without_failures() {
 async fn walsender_sessions_land_on_blue() {
     let pair = shared_pair();
     let proxy = TestProxy::start(pair, "", "green_weight = 100", None).await;
-    let port = proxy.port.to_string();
-    let psql = pair.blue.bin("psql");
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(psql)
-            .args([
-                &format!("host=127.0.0.1 port={port} user=pgshift_test password=pgshift_test_pw dbname=app replication=database"),
-                "-Atc",
-                "IDENTIFY_SYSTEM",
-                "-c",
-                "SELECT inet_server_port()",
-            ])
-            .output()
-            .expect("psql")
-    })
-    .await
-    .expect("join");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let port = proxy.port;
+    let mut psql = Command::new(pair.blue.bin("psql"));
+    psql.args([
+        &format!("host=127.0.0.1 port={port} user=pgshift_test password=pgshift_test_pw dbname=app replication=database"),
+        "-Atc",
+        "IDENTIFY_SYSTEM",
+        "-c",
+        "SELECT inet_server_port()",
+    ]);
+    let stdout = run_ok(psql, "psql").await;
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(
         lines[0].ends_with("|app"),

@@ -5,24 +5,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::pgshift::{TestProxy, sqlstate};
+use support::pgshift::{Outcome, TestProxy, connect_with_outcome, expect_ended_with};
 use support::shared_pair;
 
 /// Connects through the proxy and keeps the connection's ending error.
-async fn connect(
-    proxy: &TestProxy,
-) -> (
-    tokio_postgres::Client,
-    tokio::sync::oneshot::Receiver<Option<tokio_postgres::Error>>,
-) {
-    let (client, connection) = tokio_postgres::connect(&proxy.app_dsn(), tokio_postgres::NoTls)
-        .await
-        .expect("connect");
-    let (ended, outcome) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let _ = ended.send(connection.await.err());
-    });
-    (client, outcome)
+async fn connect(proxy: &TestProxy) -> (tokio_postgres::Client, Outcome) {
+    connect_with_outcome(&proxy.app_dsn()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,16 +28,13 @@ async fn old_sessions_close_at_idle_points_only() {
     let (busy, mut busy_outcome) = connect(&proxy).await;
     busy.batch_execute("BEGIN; SELECT 1").await.expect("begin");
 
-    let idle_error = tokio::time::timeout(Duration::from_secs(5), idle_outcome)
-        .await
-        .expect("the idle session is closed")
-        .expect("outcome")
-        .expect("an error");
-    assert_eq!(
-        sqlstate(&idle_error).as_deref(),
-        Some("57P01"),
-        "{idle_error}"
-    );
+    let idle_error = expect_ended_with(
+        idle_outcome,
+        Duration::from_secs(5),
+        "57P01",
+        "the idle session is closed",
+    )
+    .await;
     assert!(
         opened.elapsed() >= Duration::from_secs(2),
         "closed before max_session_age"
@@ -70,12 +55,13 @@ async fn old_sessions_close_at_idle_points_only() {
         .await
         .expect("still serving the transaction");
     busy.batch_execute("COMMIT").await.expect("commit");
-    let busy_error = tokio::time::timeout(Duration::from_secs(3), busy_outcome)
-        .await
-        .expect("closed once idle")
-        .expect("outcome")
-        .expect("an error");
-    assert_eq!(sqlstate(&busy_error).as_deref(), Some("57P01"));
+    expect_ended_with(
+        busy_outcome,
+        Duration::from_secs(3),
+        "57P01",
+        "closed once idle",
+    )
+    .await;
 
     // A young session is left alone.
     let (young, _) = connect(&proxy).await;

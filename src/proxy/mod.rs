@@ -46,6 +46,9 @@ pub struct Shared {
 pub struct ProxyOptions {
     /// Seed for the random draws of non-sticky sessions (reproducible tests).
     pub routing_seed: Option<u64>,
+    /// The routing table to start with (the controller's, from its saved state); by default
+    /// the config's.
+    pub initial_table: Option<RoutingTable>,
 }
 
 /// A running proxy.

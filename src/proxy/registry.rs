@@ -20,19 +20,26 @@ pub enum CloseReason {
     Shutdown,
     /// Older than `[routing] max_session_age`: closed so application pools follow the weight.
     SessionAge,
+    /// The session's color is draining (`drain`, `promote`, `rollback`).
+    Drain(Color),
 }
 
 impl CloseReason {
     /// The FATAL 57P01 message the client gets.
-    pub fn message(self, hard_deadline: bool) -> &'static str {
-        match (self, hard_deadline) {
-            (CloseReason::Shutdown, false) => "terminating connection: pgshift is shutting down",
-            (CloseReason::Shutdown, true) => {
-                "terminating connection: pgshift is shutting down and shutdown_timeout passed; the open transaction was rolled back"
-            }
-            (CloseReason::SessionAge, _) => {
-                "terminating connection: the session reached pgshift's max_session_age; reconnect to be routed again"
-            }
+    pub fn message(self, hard_deadline: bool) -> String {
+        let deadline_note = if hard_deadline {
+            "; its deadline passed and the open transaction was rolled back"
+        } else {
+            ""
+        };
+        match self {
+            CloseReason::Shutdown => format!("terminating connection: pgshift is shutting down{deadline_note}"),
+            CloseReason::SessionAge => format!(
+                "terminating connection: the session reached pgshift's max_session_age; reconnect to be routed again{deadline_note}"
+            ),
+            CloseReason::Drain(color) => format!(
+                "terminating connection: pgshift is draining the {color} database; reconnect to be routed to the other one{deadline_note}"
+            ),
         }
     }
 
@@ -40,6 +47,7 @@ impl CloseReason {
         match self {
             CloseReason::Shutdown => "shutdown",
             CloseReason::SessionAge => "max_session_age",
+            CloseReason::Drain(_) => "drain",
         }
     }
 }
@@ -134,6 +142,41 @@ impl SessionRegistry {
             sent += usize::from(changed);
         }
         sent
+    }
+
+    /// Orders at most `limit` sessions of `color` that have no order yet; returns how many.
+    pub fn order_some(&self, color: Color, limit: usize, order: CloseOrder) -> usize {
+        let sessions = self.lock();
+        let mut sent = 0;
+        for entry in sessions.values().filter(|entry| entry.color == color) {
+            if sent == limit {
+                break;
+            }
+            sent += usize::from(entry.orders.send_if_modified(|current| {
+                let first = *current == CloseOrder::Run;
+                if first {
+                    *current = order;
+                }
+                first
+            }));
+        }
+        sent
+    }
+
+    /// Withdraws `AtIdle(reason)` orders from sessions of `color` that have not acted on them.
+    pub fn rescind(&self, color: Color, reason: CloseReason) -> usize {
+        let sessions = self.lock();
+        let mut withdrawn = 0;
+        for entry in sessions.values().filter(|entry| entry.color == color) {
+            withdrawn += usize::from(entry.orders.send_if_modified(|current| {
+                let matches = *current == CloseOrder::AtIdle(reason);
+                if matches {
+                    *current = CloseOrder::Run;
+                }
+                matches
+            }));
+        }
+        withdrawn
     }
 
     /// Open sessions (of `color`, when given).

@@ -72,9 +72,15 @@ impl TestProxy {
         let (dir, path) = write_config(text);
         let config =
             Config::load(&path).unwrap_or_else(|errors| panic!("test config invalid:\n{errors}"));
-        let proxy = Proxy::start(config, ProxyOptions { routing_seed: seed })
-            .await
-            .expect("pgshift starts");
+        let proxy = Proxy::start(
+            config,
+            ProxyOptions {
+                routing_seed: seed,
+                ..ProxyOptions::default()
+            },
+        )
+        .await
+        .expect("pgshift starts");
         TestProxy {
             proxy: Some(proxy),
             port,
@@ -158,4 +164,40 @@ pub fn password_of(user: &str) -> Option<&'static str> {
         "plain_user" => Some(super::PLAIN_PASSWORD),
         _ => None,
     }
+}
+
+/// How a watched connection ended: the error that ended it, if any.
+pub type Outcome = tokio::sync::oneshot::Receiver<Option<tokio_postgres::Error>>;
+
+/// Connects to `dsn` (no TLS) and keeps the connection's [`Outcome`].
+pub async fn connect_with_outcome(dsn: &str) -> (tokio_postgres::Client, Outcome) {
+    let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let (ended, outcome) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = ended.send(connection.await.err());
+    });
+    (client, outcome)
+}
+
+/// Waits up to `wait` for the connection behind `outcome` to end with an error with `sqlstate`
+/// (`what` says why it should end); returns that error.
+pub async fn expect_ended_with(
+    outcome: Outcome,
+    wait: Duration,
+    sqlstate: &str,
+    what: &str,
+) -> tokio_postgres::Error {
+    let error = tokio::time::timeout(wait, outcome)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {wait:?}"))
+        .expect("outcome")
+        .unwrap_or_else(|| panic!("{what}: ended without an error"));
+    assert_eq!(
+        self::sqlstate(&error).as_deref(),
+        Some(sqlstate),
+        "{what}: {error}"
+    );
+    error
 }

@@ -1,0 +1,383 @@
+//! The controller: the one writer of pgshift's routing state.
+//!
+//! Admin commands, SIGHUP and (later) the rollout monitor send it [`Command`]s through a
+//! [`ControllerHandle`]; it applies each in turn, publishes the new routing table, persists
+//! the state through its [`store`], records the decision, and answers. Sessions only ever read
+//! the table it publishes.
+
+pub mod command;
+
+pub use command::{Actor, Command, PinKey, Reply};
+
+use tokio::sync::{mpsc, oneshot};
+
+/// One command waiting for the controller, with the channel its answer goes back on.
+#[derive(Debug)]
+pub struct Request {
+    pub command: Command,
+    pub actor: Actor,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// A cheap, cloneable way to send commands to the controller and await the answer.
+#[derive(Debug, Clone)]
+pub struct ControllerHandle {
+    requests: mpsc::Sender<Request>,
+}
+
+impl ControllerHandle {
+    /// A handle over a request channel (the controller, or a stand-in in tests).
+    pub fn from_channel(requests: mpsc::Sender<Request>) -> ControllerHandle {
+        ControllerHandle { requests }
+    }
+
+    /// Sends `command` and waits for the controller's answer.
+    pub async fn execute(&self, command: Command, actor: Actor) -> Reply {
+        let (reply, answer) = oneshot::channel();
+        let request = Request { command, actor, reply };
+        if self.requests.send(request).await.is_err() {
+            return Err("pgshift is shutting down: the controller no longer takes commands".into());
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the controller stopped before answering".into()))
+    }
+}
+
+pub mod state;
+pub mod status;
+pub mod store;
+pub mod window;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{Map, Value, json};
+
+use crate::color::Color;
+use crate::config::Config;
+use crate::proxy::Shared;
+use crate::proxy::registry::{CloseOrder, CloseReason};
+use state::{RoutingState, Transition};
+use status::Decision;
+use store::{RolloutState, StateStore, StoreError};
+use window::StatsWindow;
+
+/// Decisions kept in memory for `status`.
+const DECISIONS_KEPT: usize = 200;
+/// How often drains advance (rate limit, deadlines).
+const TICK: Duration = Duration::from_millis(100);
+
+/// Where the controller's first state came from, for the start-up log and `check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateSource {
+    /// The state store held a state; it wins over the config's `green_weight`.
+    Store(String),
+    /// Nothing saved (or `--reset-state`): the config's values.
+    Config,
+}
+
+/// Reads the state to start from: the store's when it holds one, else the config's.
+pub fn initial_state(
+    config: &Config,
+    store: &mut dyn StateStore,
+    reset: bool,
+) -> Result<(RoutingState, StateSource), StoreError> {
+    if reset {
+        store.reset()?;
+        return Ok((RoutingState::from_config(config), StateSource::Config));
+    }
+    match store.load()? {
+        Some(saved) => Ok((
+            RoutingState::from_persisted(&saved, Instant::now()),
+            StateSource::Store(store.describe()),
+        )),
+        None => Ok((RoutingState::from_config(config), StateSource::Config)),
+    }
+}
+
+/// Closing a draining color's sessions: from `begins` (after any grace) at most `rate` per
+/// second, all of them by `deadline`.
+#[derive(Debug, Clone)]
+struct DrainJob {
+    begins: Instant,
+    deadline: Instant,
+    ordered: u64,
+}
+
+/// The controller task's state.
+pub struct Controller {
+    shared: Arc<Shared>,
+    store: Box<dyn StateStore>,
+    state: RoutingState,
+    decisions: VecDeque<Decision>,
+    window: StatsWindow,
+    last_sample: Option<Instant>,
+    drains: [Option<DrainJob>; 2],
+    config_path: PathBuf,
+}
+
+impl Controller {
+    /// Starts the controller task over `shared`, from `state`; returns its handle.
+    pub fn spawn(
+        shared: Arc<Shared>,
+        store: Box<dyn StateStore>,
+        state: RoutingState,
+        config_path: PathBuf,
+    ) -> (ControllerHandle, tokio::task::JoinHandle<()>) {
+        let config = shared.config.load_full();
+        let now = Instant::now();
+        let mut drains = [None, None];
+        for color in Color::ALL {
+            if state.draining[color.index()] {
+                drains[color.index()] = Some(DrainJob {
+                    begins: now,
+                    deadline: now + config.rollout.drain_timeout,
+                    ordered: 0,
+                });
+            }
+        }
+        let controller = Controller {
+            shared,
+            store,
+            state,
+            decisions: VecDeque::new(),
+            window: StatsWindow::new(config.rollout.window),
+            last_sample: None,
+            drains,
+            config_path,
+        };
+        controller.publish();
+        let (sender, receiver) = mpsc::channel(64);
+        let task = tokio::spawn(controller.run(receiver));
+        (ControllerHandle::from_channel(sender), task)
+    }
+
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        let mut ticks = tokio::time::interval(TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                request = requests.recv() => {
+                    let Some(request) = request else { return };
+                    let reply = self.handle(request.command, &request.actor);
+                    let _ = request.reply.send(reply);
+                }
+                _ = ticks.tick() => self.tick(Instant::now()),
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command, actor: &Actor) -> Reply {
+        match command {
+            Command::Status => {
+                self.sample(Instant::now());
+                Ok(self.status())
+            }
+            Command::Reload => self.reload(actor),
+            Command::Promote { check_only: true } => self.promote_check(),
+            command => {
+                let config = self.shared.config.load_full();
+                let transition = state::apply(&self.state, &command, &config)?;
+                self.commit(command.verb(), transition, actor)
+            }
+        }
+    }
+
+    /// Persists, then publishes, then records a transition. When the store refuses, nothing
+    /// changes (memory and disk never disagree).
+    fn commit(&mut self, action: &str, transition: Transition, actor: &Actor) -> Reply {
+        let Transition {
+            next,
+            description,
+            drain_after_grace,
+        } = transition;
+        let now = Instant::now();
+        if next != self.state {
+            let saved = next.persisted(now, rfc3339(SystemTime::now()));
+            self.store
+                .save(&saved)
+                .map_err(|error| format!("{error}; nothing was changed"))?;
+        }
+        let before = std::mem::replace(&mut self.state, next);
+        let config = self.shared.config.load_full();
+        for color in Color::ALL {
+            match (before.draining[color.index()], self.state.draining[color.index()]) {
+                (false, true) => {
+                    let grace = if drain_after_grace == Some(color) {
+                        config.rollout.drain_grace
+                    } else {
+                        Duration::ZERO
+                    };
+                    self.drains[color.index()] = Some(DrainJob {
+                        begins: now + grace,
+                        deadline: now + grace + config.rollout.drain_timeout,
+                        ordered: 0,
+                    });
+                }
+                (true, false) => {
+                    self.drains[color.index()] = None;
+                    self.shared.sessions.rescind(color, CloseReason::Drain(color));
+                }
+                _ => {}
+            }
+        }
+        self.publish();
+        self.record(action, description.clone(), actor);
+        let mut reply = Map::new();
+        reply.insert("change".into(), json!(description));
+        reply.insert("green_weight".into(), json!(f64::from(self.state.green_weight_bp) / 100.0));
+        reply.insert("state".into(), json!(self.state.rollout.as_str()));
+        Ok(reply)
+    }
+
+    fn promote_check(&self) -> Reply {
+        let mut checks = Vec::new();
+        let mut failures = Vec::new();
+        if self.state.draining[Color::Green.index()] {
+            failures.push("green is draining".to_string());
+        } else {
+            checks.push("green is not draining".to_string());
+        }
+        if !failures.is_empty() {
+            return Err(format!("promote would be refused: {}", failures.join("; ")));
+        }
+        let mut reply = Map::new();
+        reply.insert("check".into(), json!("passed"));
+        reply.insert("checks".into(), json!(checks));
+        Ok(reply)
+    }
+
+    fn reload(&mut self, actor: &Actor) -> Reply {
+        let new = Config::load(&self.config_path)
+            .map_err(|errors| format!("the config was not reloaded and nothing changed:\n{errors}"))?;
+        let old = self.shared.config.load_full();
+        let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        let mut needs_restart = Vec::new();
+        if old.listen.addr != new.listen.addr {
+            needs_restart.push("listen.addr");
+        }
+        if differs(&old.admin, &new.admin) {
+            needs_restart.push("admin");
+        }
+        if differs(&old.metrics, &new.metrics) {
+            needs_restart.push("metrics");
+        }
+        if old.rollout.state_file != new.rollout.state_file {
+            needs_restart.push("rollout.state_file");
+        }
+        let mut applied = Vec::new();
+        for (name, changed) in [
+            ("listen", differs(&old.listen, &new.listen)),
+            ("blue", differs(&old.blue, &new.blue)),
+            ("green", differs(&old.green, &new.green)),
+            ("routing", differs(&old.routing, &new.routing)),
+            ("rollout", differs(&old.rollout, &new.rollout)),
+            ("auth", differs(&old.auth, &new.auth)),
+            ("cutover", differs(&old.cutover, &new.cutover)),
+        ] {
+            if changed {
+                applied.push(name);
+            }
+        }
+        self.window.set_window(new.rollout.window);
+        self.shared.config.store(Arc::new(new));
+        self.publish();
+        let description = format!(
+            "config reloaded from {}: changed {}{}",
+            self.config_path.display(),
+            if applied.is_empty() { "nothing".to_string() } else { applied.join(", ") },
+            if needs_restart.is_empty() {
+                String::new()
+            } else {
+                format!("; needs a restart to take effect: {}", needs_restart.join(", "))
+            }
+        );
+        self.record("reload", description.clone(), actor);
+        let mut reply = Map::new();
+        reply.insert("change".into(), json!(description));
+        reply.insert("applied".into(), json!(applied));
+        reply.insert("needs_restart".into(), json!(needs_restart));
+        Ok(reply)
+    }
+
+    /// Publishes the routing table and the gauges that mirror the state.
+    fn publish(&self) {
+        let config = self.shared.config.load_full();
+        self.shared.router.publish(self.state.routing_table(&config));
+        metrics::gauge!("pgshift_green_weight_ratio").set(f64::from(self.state.green_weight_bp) / 10_000.0);
+        for rollout in RolloutState::ALL {
+            let value = if rollout == self.state.rollout { 1.0 } else { 0.0 };
+            metrics::gauge!("pgshift_rollout_state", "state" => rollout.as_str()).set(value);
+        }
+    }
+
+    fn record(&mut self, action: &str, reason: String, actor: &Actor) {
+        tracing::info!(action, actor = %actor, "{reason}");
+        metrics::counter!("pgshift_rollout_decisions_total", "action" => action.to_string()).increment(1);
+        self.decisions.push_back(Decision {
+            time: rfc3339(SystemTime::now()),
+            action: action.to_string(),
+            reason,
+            actor: actor.to_string(),
+        });
+        while self.decisions.len() > DECISIONS_KEPT {
+            self.decisions.pop_front();
+        }
+    }
+
+    fn status(&self) -> Map<String, Value> {
+        let config = self.shared.config.load_full();
+        status::status(
+            &self.state,
+            &config,
+            &self.window,
+            &self.shared.sessions,
+            &self.decisions,
+            &self.store.describe(),
+        )
+    }
+
+    fn sample(&mut self, now: Instant) {
+        self.window.sample(&self.shared.stats, now);
+        self.last_sample = Some(now);
+    }
+
+    fn tick(&mut self, now: Instant) {
+        if self
+            .last_sample
+            .is_none_or(|last| now.duration_since(last) >= self.window.sampling_interval())
+        {
+            self.sample(now);
+        }
+        let rate = u64::from(self.shared.config.load().rollout.drain_rate);
+        for color in Color::ALL {
+            let sessions = &self.shared.sessions;
+            let Some(job) = &mut self.drains[color.index()] else {
+                metrics::gauge!("pgshift_draining_sessions", "color" => color.as_str()).set(0.0);
+                continue;
+            };
+            if now >= job.deadline {
+                sessions.order(Some(color), CloseOrder::Now(CloseReason::Drain(color)));
+            } else if now >= job.begins {
+                let order = CloseOrder::AtIdle(CloseReason::Drain(color));
+                if rate == 0 {
+                    sessions.order(Some(color), order);
+                } else {
+                    let allowed = (now.duration_since(job.begins).as_secs_f64() * rate as f64) as u64 + 1;
+                    let budget = allowed.saturating_sub(job.ordered) as usize;
+                    job.ordered += sessions.order_some(color, budget, order) as u64;
+                }
+            }
+            metrics::gauge!("pgshift_draining_sessions", "color" => color.as_str())
+                .set(sessions.count(Some(color)) as f64);
+        }
+    }
+}
+
+/// RFC 3339 with seconds, UTC.
+pub fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}
