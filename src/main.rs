@@ -63,7 +63,9 @@ fn main() -> ExitCode {
             let under_ctl = std::env::args().nth(1).as_deref() == Some("ctl");
             let _ = error.print();
             return match error.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
                 _ if under_ctl => ExitCode::from(CTL_USAGE_ERROR),
                 _ => ExitCode::from(2),
             };
@@ -96,6 +98,12 @@ fn check(path: &std::path::Path) -> ExitCode {
     for line in config.describe(ACTIVE_SECTIONS) {
         println!("{line}");
     }
+    println!(
+        "[rollout] in use now: state_file, drain_on_switch, drain_grace ({}), drain_timeout ({}), drain_rate ({}/s, 0 = no limit); the step plan, triggers and decision log arrive with the monitor",
+        humantime::format_duration(config.rollout.drain_grace),
+        humantime::format_duration(config.rollout.drain_timeout),
+        config.rollout.drain_rate
+    );
     let store = state_store(&config);
     match store.load() {
         Ok(Some(saved)) => println!(
@@ -193,7 +201,10 @@ async fn serve(config: Config, path: PathBuf, reset_state: bool) -> ExitCode {
     let reloads = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(mut hangups) => tokio::spawn(async move {
             while hangups.recv().await.is_some() {
-                match controller.execute(ControllerCommand::Reload, Actor::Signal).await {
+                match controller
+                    .execute(ControllerCommand::Reload, Actor::Signal)
+                    .await
+                {
                     Ok(_) => {}
                     Err(error) => tracing::error!("SIGHUP: {error}"),
                 }

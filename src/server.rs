@@ -37,7 +37,11 @@ pub fn state_store(config: &Config) -> Box<dyn StateStore> {
 
 impl Server {
     /// Starts everything `config` (loaded from `config_path`) describes.
-    pub async fn start(config: Config, config_path: PathBuf, mut options: ServerOptions) -> anyhow::Result<Server> {
+    pub async fn start(
+        config: Config,
+        config_path: PathBuf,
+        mut options: ServerOptions,
+    ) -> anyhow::Result<Server> {
         let mut store = state_store(&config);
         let (state, source) = initial_state(&config, store.as_mut(), options.reset_state)?;
         match &source {
@@ -59,7 +63,8 @@ impl Server {
         options.proxy.initial_table = Some(state.routing_table(&config));
         let admin_config = config.admin.clone();
         let proxy = Proxy::start(config, options.proxy).await?;
-        let (controller, controller_task) = Controller::spawn(proxy.shared().clone(), store, state, config_path);
+        let (controller, controller_task) =
+            Controller::spawn(proxy.shared().clone(), store, state, config_path);
         let admin = match AdminServer::start(&admin_config, controller.clone()).await {
             Ok(admin) => admin,
             Err(error) => {

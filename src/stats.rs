@@ -25,7 +25,8 @@ const SUB_BUCKET_BITS: u32 = 6;
 const SUB_BUCKETS: u64 = 1 << SUB_BUCKET_BITS;
 /// Buckets up to 2^30 units (~68.7 s); larger values land in the last bucket.
 const MAX_EXPONENT: usize = 30;
-const HISTOGRAM_BUCKETS: usize = (MAX_EXPONENT - SUB_BUCKET_BITS as usize + 1) * SUB_BUCKETS as usize;
+const HISTOGRAM_BUCKETS: usize =
+    (MAX_EXPONENT - SUB_BUCKET_BITS as usize + 1) * SUB_BUCKETS as usize;
 
 impl LatencyHistogram {
     fn new() -> LatencyHistogram {

@@ -14,7 +14,12 @@ pub enum PinKey {
 }
 
 impl PinKey {
-    pub const ALL: [PinKey; 4] = [PinKey::Database, PinKey::User, PinKey::ApplicationName, PinKey::Tenant];
+    pub const ALL: [PinKey; 4] = [
+        PinKey::Database,
+        PinKey::User,
+        PinKey::ApplicationName,
+        PinKey::Tenant,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -35,18 +40,31 @@ impl PinKey {
 pub enum Command {
     Status,
     /// Set green's share now, in basis points (0..=10000).
-    Weight { basis_points: u16 },
+    Weight {
+        basis_points: u16,
+    },
     RolloutStart,
     RolloutNext,
     RolloutPause,
     RolloutResume,
     /// Green takes 100 %; `check_only` runs the guardrails and changes nothing.
-    Promote { check_only: bool },
+    Promote {
+        check_only: bool,
+    },
     CutoverAbort,
     /// Green takes 0 %.
-    Rollback { reason: Option<String> },
-    Pin { key: PinKey, value: String, color: Color },
-    Unpin { key: PinKey, value: String },
+    Rollback {
+        reason: Option<String>,
+    },
+    Pin {
+        key: PinKey,
+        value: String,
+        color: Color,
+    },
+    Unpin {
+        key: PinKey,
+        value: String,
+    },
     Drain(Color),
     Undrain(Color),
     Reload,

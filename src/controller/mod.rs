@@ -34,7 +34,11 @@ impl ControllerHandle {
     /// Sends `command` and waits for the controller's answer.
     pub async fn execute(&self, command: Command, actor: Actor) -> Reply {
         let (reply, answer) = oneshot::channel();
-        let request = Request { command, actor, reply };
+        let request = Request {
+            command,
+            actor,
+            reply,
+        };
         if self.requests.send(request).await.is_err() {
             return Err("pgshift is shutting down: the controller no longer takes commands".into());
         }
@@ -113,6 +117,7 @@ pub struct Controller {
     store: Box<dyn StateStore>,
     state: RoutingState,
     decisions: VecDeque<Decision>,
+    decisions_taken: u64,
     window: StatsWindow,
     last_sample: Option<Instant>,
     drains: [Option<DrainJob>; 2],
@@ -144,6 +149,7 @@ impl Controller {
             store,
             state,
             decisions: VecDeque::new(),
+            decisions_taken: 0,
             window: StatsWindow::new(config.rollout.window),
             last_sample: None,
             drains,
@@ -204,7 +210,10 @@ impl Controller {
         let before = std::mem::replace(&mut self.state, next);
         let config = self.shared.config.load_full();
         for color in Color::ALL {
-            match (before.draining[color.index()], self.state.draining[color.index()]) {
+            match (
+                before.draining[color.index()],
+                self.state.draining[color.index()],
+            ) {
                 (false, true) => {
                     let grace = if drain_after_grace == Some(color) {
                         config.rollout.drain_grace
@@ -219,16 +228,22 @@ impl Controller {
                 }
                 (true, false) => {
                     self.drains[color.index()] = None;
-                    self.shared.sessions.rescind(color, CloseReason::Drain(color));
+                    self.shared
+                        .sessions
+                        .rescind(color, CloseReason::Drain(color));
                 }
                 _ => {}
             }
         }
         self.publish();
-        self.record(action, description.clone(), actor);
+        let decision = self.record(action, description.clone(), actor);
         let mut reply = Map::new();
         reply.insert("change".into(), json!(description));
-        reply.insert("green_weight".into(), json!(f64::from(self.state.green_weight_bp) / 100.0));
+        reply.insert("decision".into(), json!(decision));
+        reply.insert(
+            "green_weight".into(),
+            json!(f64::from(self.state.green_weight_bp) / 100.0),
+        );
         reply.insert("state".into(), json!(self.state.rollout.as_str()));
         Ok(reply)
     }
@@ -251,10 +266,12 @@ impl Controller {
     }
 
     fn reload(&mut self, actor: &Actor) -> Reply {
-        let new = Config::load(&self.config_path)
-            .map_err(|errors| format!("the config was not reloaded and nothing changed:\n{errors}"))?;
+        let new = Config::load(&self.config_path).map_err(|errors| {
+            format!("the config was not reloaded and nothing changed:\n{errors}")
+        })?;
         let old = self.shared.config.load_full();
-        let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        let differs =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
         let mut needs_restart = Vec::new();
         if old.listen.addr != new.listen.addr {
             needs_restart.push("listen.addr");
@@ -288,16 +305,24 @@ impl Controller {
         let description = format!(
             "config reloaded from {}: changed {}{}",
             self.config_path.display(),
-            if applied.is_empty() { "nothing".to_string() } else { applied.join(", ") },
+            if applied.is_empty() {
+                "nothing".to_string()
+            } else {
+                applied.join(", ")
+            },
             if needs_restart.is_empty() {
                 String::new()
             } else {
-                format!("; needs a restart to take effect: {}", needs_restart.join(", "))
+                format!(
+                    "; needs a restart to take effect: {}",
+                    needs_restart.join(", ")
+                )
             }
         );
-        self.record("reload", description.clone(), actor);
+        let decision = self.record("reload", description.clone(), actor);
         let mut reply = Map::new();
         reply.insert("change".into(), json!(description));
+        reply.insert("decision".into(), json!(decision));
         reply.insert("applied".into(), json!(applied));
         reply.insert("needs_restart".into(), json!(needs_restart));
         Ok(reply)
@@ -306,18 +331,28 @@ impl Controller {
     /// Publishes the routing table and the gauges that mirror the state.
     fn publish(&self) {
         let config = self.shared.config.load_full();
-        self.shared.router.publish(self.state.routing_table(&config));
-        metrics::gauge!("pgshift_green_weight_ratio").set(f64::from(self.state.green_weight_bp) / 10_000.0);
+        self.shared
+            .router
+            .publish(self.state.routing_table(&config));
+        metrics::gauge!("pgshift_green_weight_ratio")
+            .set(f64::from(self.state.green_weight_bp) / 10_000.0);
         for rollout in RolloutState::ALL {
-            let value = if rollout == self.state.rollout { 1.0 } else { 0.0 };
+            let value = if rollout == self.state.rollout {
+                1.0
+            } else {
+                0.0
+            };
             metrics::gauge!("pgshift_rollout_state", "state" => rollout.as_str()).set(value);
         }
     }
 
-    fn record(&mut self, action: &str, reason: String, actor: &Actor) {
+    fn record(&mut self, action: &str, reason: String, actor: &Actor) -> u64 {
         tracing::info!(action, actor = %actor, "{reason}");
-        metrics::counter!("pgshift_rollout_decisions_total", "action" => action.to_string()).increment(1);
+        metrics::counter!("pgshift_rollout_decisions_total", "action" => action.to_string())
+            .increment(1);
+        self.decisions_taken += 1;
         self.decisions.push_back(Decision {
+            id: self.decisions_taken,
             time: rfc3339(SystemTime::now()),
             action: action.to_string(),
             reason,
@@ -326,6 +361,7 @@ impl Controller {
         while self.decisions.len() > DECISIONS_KEPT {
             self.decisions.pop_front();
         }
+        self.decisions_taken
     }
 
     fn status(&self) -> Map<String, Value> {
@@ -366,7 +402,8 @@ impl Controller {
                 if rate == 0 {
                     sessions.order(Some(color), order);
                 } else {
-                    let allowed = (now.duration_since(job.begins).as_secs_f64() * rate as f64) as u64 + 1;
+                    let allowed =
+                        (now.duration_since(job.begins).as_secs_f64() * rate as f64) as u64 + 1;
                     let budget = allowed.saturating_sub(job.ordered) as usize;
                     job.ordered += sessions.order_some(color, budget, order) as u64;
                 }

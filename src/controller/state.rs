@@ -49,9 +49,10 @@ impl RoutingState {
             green_weight_bp: saved.green_weight_bp,
             rollout: saved.state,
             step: saved.step,
-            step_started: saved
-                .step_elapsed_ms
-                .map(|elapsed| now.checked_sub(std::time::Duration::from_millis(elapsed)).unwrap_or(now)),
+            step_started: saved.step_elapsed_ms.map(|elapsed| {
+                now.checked_sub(std::time::Duration::from_millis(elapsed))
+                    .unwrap_or(now)
+            }),
             reason: saved.reason.clone(),
             admin_pins: saved.admin_pins.clone(),
             draining,
@@ -70,7 +71,10 @@ impl RoutingState {
                 .map(|started| now.saturating_duration_since(started).as_millis() as u64),
             reason: self.reason.clone(),
             admin_pins: self.admin_pins.clone(),
-            draining: Color::ALL.into_iter().filter(|color| self.draining[color.index()]).collect(),
+            draining: Color::ALL
+                .into_iter()
+                .filter(|color| self.draining[color.index()])
+                .collect(),
             updated_at,
         }
     }
@@ -103,7 +107,11 @@ pub const ROLLOUT_NOT_AVAILABLE: &str = "rollout commands are not available yet 
 
 /// Applies a state-changing command. `Status`, `Reload` and `promote --check` are not
 /// transitions; they are refused here.
-pub fn apply(state: &RoutingState, command: &Command, config: &Config) -> Result<Transition, String> {
+pub fn apply(
+    state: &RoutingState,
+    command: &Command,
+    config: &Config,
+) -> Result<Transition, String> {
     let mut next = state.clone();
     let mut drain_after_grace = None;
     let description = match command {
@@ -131,7 +139,10 @@ pub fn apply(state: &RoutingState, command: &Command, config: &Config) -> Result
                 next.draining[Color::Blue.index()] = true;
                 drain_after_grace = Some(Color::Blue);
             }
-            format!("promoted: green weight {} → 100%", format_percent(state.green_weight_bp))
+            format!(
+                "promoted: green weight {} → 100%",
+                format_percent(state.green_weight_bp)
+            )
         }
         Command::Rollback { reason } => {
             if state.draining[Color::Blue.index()] {
@@ -143,12 +154,21 @@ pub fn apply(state: &RoutingState, command: &Command, config: &Config) -> Result
                 next.draining[Color::Green.index()] = true;
                 drain_after_grace = Some(Color::Green);
             }
-            let because = reason.as_deref().map(|reason| format!(": {reason}")).unwrap_or_default();
-            format!("rolled back: green weight {} → 0%{because}", format_percent(state.green_weight_bp))
+            let because = reason
+                .as_deref()
+                .map(|reason| format!(": {reason}"))
+                .unwrap_or_default();
+            format!(
+                "rolled back: green weight {} → 0%{because}",
+                format_percent(state.green_weight_bp)
+            )
         }
         Command::Pin { key, value, color } => {
             let pin = single_key_pin(*key, value, *color);
-            let existing = next.admin_pins.iter().position(|admin| same_keys(admin, &pin));
+            let existing = next
+                .admin_pins
+                .iter()
+                .position(|admin| same_keys(admin, &pin));
             match existing {
                 Some(index) => {
                     let old = std::mem::replace(&mut next.admin_pins[index], pin);
@@ -162,12 +182,21 @@ pub fn apply(state: &RoutingState, command: &Command, config: &Config) -> Result
         }
         Command::Unpin { key, value } => {
             let probe = single_key_pin(*key, value, Color::Blue);
-            match next.admin_pins.iter().position(|admin| same_keys(admin, &probe)) {
+            match next
+                .admin_pins
+                .iter()
+                .position(|admin| same_keys(admin, &probe))
+            {
                 Some(index) => {
                     let removed = next.admin_pins.remove(index);
                     format!("unpin {}={value} (was → {})", key.as_str(), removed.color)
                 }
-                None if config.routing.pins.iter().any(|pin| same_keys(&Pin::from(pin), &probe)) => {
+                None if config
+                    .routing
+                    .pins
+                    .iter()
+                    .any(|pin| same_keys(&Pin::from(pin), &probe)) =>
+                {
                     return Err(format!(
                         "the pin {}={value} comes from the config file; remove it there and `reload`",
                         key.as_str()
@@ -188,7 +217,9 @@ pub fn apply(state: &RoutingState, command: &Command, config: &Config) -> Result
             if state.draining[color.index()] {
                 format!("drain {color}: already draining")
             } else {
-                format!("drain {color}: no new sessions; open sessions close at their next idle point")
+                format!(
+                    "drain {color}: no new sessions; open sessions close at their next idle point"
+                )
             }
         }
         Command::Undrain(color) => {
@@ -199,7 +230,10 @@ pub fn apply(state: &RoutingState, command: &Command, config: &Config) -> Result
                 format!("undrain {color}: it was not draining")
             }
         }
-        Command::RolloutStart | Command::RolloutNext | Command::RolloutPause | Command::RolloutResume => {
+        Command::RolloutStart
+        | Command::RolloutNext
+        | Command::RolloutPause
+        | Command::RolloutResume => {
             return Err(ROLLOUT_NOT_AVAILABLE.into());
         }
         Command::CutoverAbort => {
@@ -244,7 +278,10 @@ fn single_key_pin(key: PinKey, value: &str, color: Color) -> Pin {
 
 /// True when two pins match the same sessions (their colors may differ).
 fn same_keys(a: &Pin, b: &Pin) -> bool {
-    a.database == b.database && a.user == b.user && a.application_name == b.application_name && a.tenant == b.tenant
+    a.database == b.database
+        && a.user == b.user
+        && a.application_name == b.application_name
+        && a.tenant == b.tenant
 }
 
 #[cfg(test)]
@@ -265,32 +302,47 @@ mod tests {
         let mut state = RoutingState::from_config(&config);
         state.rollout = RolloutState::Running;
         state.step = Some(2);
-        let change = apply(&state, &Command::Weight { basis_points: 4000 }, &config).expect("weight");
+        let change =
+            apply(&state, &Command::Weight { basis_points: 4000 }, &config).expect("weight");
         assert_eq!(change.next.green_weight_bp, 4000);
         assert_eq!(change.next.rollout, RolloutState::Manual);
         assert_eq!(change.next.step, None);
-        assert!(change.description.contains("0% → 40%"), "{}", change.description);
+        assert!(
+            change.description.contains("0% → 40%"),
+            "{}",
+            change.description
+        );
     }
 
     #[test]
     fn promote_and_rollback_drain_the_loser_after_grace() {
         let config = config("");
         let state = RoutingState::from_config(&config);
-        let promoted = apply(&state, &Command::Promote { check_only: false }, &config).expect("promote");
+        let promoted =
+            apply(&state, &Command::Promote { check_only: false }, &config).expect("promote");
         assert_eq!(promoted.next.green_weight_bp, 10_000);
         assert_eq!(promoted.next.draining, [true, false]);
         assert_eq!(promoted.drain_after_grace, Some(Color::Blue));
         // Rolling back to a draining blue is refused until blue is undrained.
         assert!(apply(&promoted.next, &Command::Rollback { reason: None }, &config).is_err());
-        let undrained = apply(&promoted.next, &Command::Undrain(Color::Blue), &config).expect("undrain");
-        let rolled = apply(&undrained.next, &Command::Rollback { reason: Some("slow".into()) }, &config).expect("rollback");
+        let undrained =
+            apply(&promoted.next, &Command::Undrain(Color::Blue), &config).expect("undrain");
+        let rolled = apply(
+            &undrained.next,
+            &Command::Rollback {
+                reason: Some("slow".into()),
+            },
+            &config,
+        )
+        .expect("rollback");
         assert_eq!(rolled.next.green_weight_bp, 0);
         assert_eq!(rolled.next.rollout, RolloutState::RolledBack);
         assert_eq!(rolled.next.reason.as_deref(), Some("slow"));
         assert_eq!(rolled.next.draining, [false, true]);
 
         let no_drain = self::config("[rollout]\ndrain_on_switch = false");
-        let promoted = apply(&state, &Command::Promote { check_only: false }, &no_drain).expect("promote");
+        let promoted =
+            apply(&state, &Command::Promote { check_only: false }, &no_drain).expect("promote");
         assert_eq!(promoted.next.draining, [false, false]);
     }
 
@@ -308,16 +360,28 @@ mod tests {
     fn pins_replace_and_unpin_knows_config_pins() {
         let config = config("[[routing.pin]]\ndatabase = \"tenant_42\"\ncolor = \"green\"");
         let state = RoutingState::from_config(&config);
-        let pin = |color| Command::Pin { key: PinKey::Tenant, value: "acme".into(), color };
+        let pin = |color| Command::Pin {
+            key: PinKey::Tenant,
+            value: "acme".into(),
+            color,
+        };
         let first = apply(&state, &pin(Color::Green), &config).expect("pin");
         let second = apply(&first.next, &pin(Color::Blue), &config).expect("re-pin");
         assert_eq!(second.next.admin_pins.len(), 1);
         assert_eq!(second.next.admin_pins[0].color, Color::Blue);
         let table = second.next.routing_table(&config);
-        assert_eq!(table.pins.len(), 2, "admin pins and config pins are both in force");
+        assert_eq!(
+            table.pins.len(),
+            2,
+            "admin pins and config pins are both in force"
+        );
         assert_eq!(table.pins[0].tenant.as_deref(), Some("acme"));
-        let unpin = |key, value: &str| Command::Unpin { key, value: value.into() };
-        let error = apply(&second.next, &unpin(PinKey::Database, "tenant_42"), &config).expect_err("config pin");
+        let unpin = |key, value: &str| Command::Unpin {
+            key,
+            value: value.into(),
+        };
+        let error = apply(&second.next, &unpin(PinKey::Database, "tenant_42"), &config)
+            .expect_err("config pin");
         assert!(error.contains("config file"), "{error}");
         assert!(apply(&second.next, &unpin(PinKey::User, "nobody"), &config).is_err());
         let removed = apply(&second.next, &unpin(PinKey::Tenant, "acme"), &config).expect("unpin");

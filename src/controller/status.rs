@@ -11,6 +11,8 @@ use crate::proxy::registry::SessionRegistry;
 /// One action the controller took, for logs, `status.decisions` and the decision log.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Decision {
+    /// Sequence number: decisions are numbered from 1 in the order they were taken.
+    pub id: u64,
     /// RFC 3339.
     pub time: String,
     pub action: String,
@@ -19,7 +21,7 @@ pub struct Decision {
 }
 
 /// Decisions `status` shows, newest first.
-pub const STATUS_DECISIONS: usize = 20;
+pub const STATUS_DECISIONS: usize = 100;
 
 fn milliseconds(latency: Option<std::time::Duration>) -> Value {
     latency.map_or(Value::Null, |latency| json!(latency.as_secs_f64() * 1000.0))
@@ -50,7 +52,10 @@ pub fn status(
     store: &str,
 ) -> Map<String, Value> {
     let mut reply = Map::new();
-    reply.insert("green_weight".into(), json!(f64::from(state.green_weight_bp) / 100.0));
+    reply.insert(
+        "green_weight".into(),
+        json!(f64::from(state.green_weight_bp) / 100.0),
+    );
     reply.insert("state".into(), json!(state.rollout.as_str()));
     reply.insert("step".into(), json!(state.step));
     reply.insert("next_step_at".into(), Value::Null);
@@ -66,7 +71,10 @@ pub fn status(
         } else {
             0
         };
-        reply.insert(color.as_str().into(), color_figures(&figures, draining_sessions));
+        reply.insert(
+            color.as_str().into(),
+            color_figures(&figures, draining_sessions),
+        );
     }
     let mut pins: Vec<Value> = Vec::new();
     for pin in &state.admin_pins {
@@ -83,7 +91,10 @@ pub fn status(
         .map(|decision| serde_json::to_value(decision).unwrap_or(Value::Null))
         .collect();
     reply.insert("decisions".into(), Value::Array(recent));
-    reply.insert("window_seconds".into(), json!(window.window().as_secs_f64()));
+    reply.insert(
+        "window_seconds".into(),
+        json!(window.window().as_secs_f64()),
+    );
     reply.insert("state_store".into(), json!(store));
     reply
 }

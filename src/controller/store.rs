@@ -81,11 +81,19 @@ pub const STATE_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot read the state file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("the state file {path} is corrupt ({reason}); fix it, or start with --reset-state to discard it")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the state file {path} is corrupt ({reason}); fix it, or start with --reset-state to discard it"
+    )]
     Corrupt { path: PathBuf, reason: String },
     #[error("cannot write the state file {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the state store refused the write: {0}")]
     Refused(String),
 }
@@ -134,12 +142,19 @@ impl StateStore for FileStore {
             path: self.path.clone(),
             reason,
         };
-        let state: PersistedState = serde_json::from_str(&text).map_err(|error| corrupt(error.to_string()))?;
+        let state: PersistedState =
+            serde_json::from_str(&text).map_err(|error| corrupt(error.to_string()))?;
         if state.version != STATE_VERSION {
-            return Err(corrupt(format!("format version {} is not {STATE_VERSION}", state.version)));
+            return Err(corrupt(format!(
+                "format version {} is not {STATE_VERSION}",
+                state.version
+            )));
         }
         if state.green_weight_bp > 10_000 {
-            return Err(corrupt(format!("green_weight_bp {} is above 10000", state.green_weight_bp)));
+            return Err(corrupt(format!(
+                "green_weight_bp {} is above 10000",
+                state.green_weight_bp
+            )));
         }
         if state.draining.len() > 1 {
             return Err(corrupt("both colors are marked draining".into()));
@@ -156,13 +171,18 @@ impl StateStore for FileStore {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let mut text = serde_json::to_string_pretty(state).map_err(|error| write_error(error.into()))?;
+        let mut text =
+            serde_json::to_string_pretty(state).map_err(|error| write_error(error.into()))?;
         text.push('\n');
         let mut temporary = tempfile::NamedTempFile::new_in(&directory).map_err(write_error)?;
         temporary.write_all(text.as_bytes()).map_err(write_error)?;
         temporary.as_file().sync_all().map_err(write_error)?;
-        temporary.persist(&self.path).map_err(|error| write_error(error.error))?;
-        fs::File::open(&directory).and_then(|dir| dir.sync_all()).map_err(write_error)?;
+        temporary
+            .persist(&self.path)
+            .map_err(|error| write_error(error.error))?;
+        fs::File::open(&directory)
+            .and_then(|dir| dir.sync_all())
+            .map_err(write_error)?;
         Ok(())
     }
 
@@ -247,10 +267,17 @@ mod tests {
     fn corrupt_files_are_errors_naming_the_file() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("state.json");
-        for text in ["{not json", "{\"version\": 1}", "{\"version\": 9, \"green_weight_bp\": 1, \"state\": \"manual\", \"updated_at\": \"x\"}"] {
+        for text in [
+            "{not json",
+            "{\"version\": 1}",
+            "{\"version\": 9, \"green_weight_bp\": 1, \"state\": \"manual\", \"updated_at\": \"x\"}",
+        ] {
             fs::write(&path, text).expect("write");
             let error = FileStore::new(&path).load().expect_err("corrupt");
-            assert!(error.to_string().contains(&path.display().to_string()), "{error}");
+            assert!(
+                error.to_string().contains(&path.display().to_string()),
+                "{error}"
+            );
         }
     }
 }

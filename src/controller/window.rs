@@ -38,7 +38,8 @@ impl WindowFigures {
 
     /// Connect errors per attempt; `None` without attempts.
     pub fn connect_error_rate(&self) -> Option<f64> {
-        (self.connect_attempts > 0).then(|| self.connect_errors as f64 / self.connect_attempts as f64)
+        (self.connect_attempts > 0)
+            .then(|| self.connect_errors as f64 / self.connect_attempts as f64)
     }
 
     fn between(older: &ColorSnapshot, newer: &ColorSnapshot) -> WindowFigures {
@@ -52,7 +53,9 @@ impl WindowFigures {
             sessions: newer.sessions_open,
             requests: newer.requests.saturating_sub(older.requests),
             errors: newer.request_errors.saturating_sub(older.request_errors),
-            connect_attempts: newer.connect_attempts.saturating_sub(older.connect_attempts),
+            connect_attempts: newer
+                .connect_attempts
+                .saturating_sub(older.connect_attempts),
             connect_errors: newer.connect_errors.saturating_sub(older.connect_errors),
             latency_p50: quantile(&latency_counts, 0.50),
             latency_p95: quantile(&latency_counts, 0.95),
@@ -93,7 +96,10 @@ impl StatsWindow {
 
     /// Takes a snapshot now and forgets those older than the window needs.
     pub fn sample(&mut self, stats: &Stats, now: Instant) {
-        let snapshot = [stats.color(Color::Blue).snapshot(), stats.color(Color::Green).snapshot()];
+        let snapshot = [
+            stats.color(Color::Blue).snapshot(),
+            stats.color(Color::Green).snapshot(),
+        ];
         self.samples.push_back((now, snapshot));
         // Keep one sample at or before the window's start, so the window is covered whole.
         while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= self.window {
@@ -125,11 +131,15 @@ mod tests {
         let t0 = Instant::now();
         window.sample(&stats, t0);
         for _ in 0..5 {
-            stats.color(Color::Green).record_request(Some(Duration::from_millis(4)), Some(*b"42P01"));
+            stats
+                .color(Color::Green)
+                .record_request(Some(Duration::from_millis(4)), Some(*b"42P01"));
         }
         window.sample(&stats, t0 + Duration::from_secs(5));
         for _ in 0..10 {
-            stats.color(Color::Green).record_request(Some(Duration::from_millis(8)), None);
+            stats
+                .color(Color::Green)
+                .record_request(Some(Duration::from_millis(8)), None);
         }
         window.sample(&stats, t0 + Duration::from_secs(12));
         let (figures, covered) = window.figures(Color::Green);

@@ -33,7 +33,9 @@ impl CloseReason {
             ""
         };
         match self {
-            CloseReason::Shutdown => format!("terminating connection: pgshift is shutting down{deadline_note}"),
+            CloseReason::Shutdown => {
+                format!("terminating connection: pgshift is shutting down{deadline_note}")
+            }
             CloseReason::SessionAge => format!(
                 "terminating connection: the session reached pgshift's max_session_age; reconnect to be routed again{deadline_note}"
             ),

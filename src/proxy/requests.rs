@@ -1,7 +1,11 @@
 //! Request accounting for one session, from the message types seen in each direction.
 //!
 //! A request is one Simple Query, one FunctionCall, or one extended-protocol batch ending in
-//! Sync (a Sync sent during COPY IN is not a boundary). Requests complete in order, one per
+//! Sync (a Sync sent during COPY IN is not a boundary). The backend ignores Syncs while COPY IN
+//! runs, and clients (libpq, tokio-postgres) send one right after the Execute that starts the
+//! COPY — before they can know it starts one — and another after CopyDone: when a batch turns
+//! out to be a COPY IN, the Syncs already counted after it are dropped, and the next Sync after
+//! the COPY ends it. Requests complete in order, one per
 //! ReadyForQuery; a request is an error when the backend answered it with an ErrorResponse.
 //! Its latency is the ReadyForQuery time minus the later of its first byte and the previous
 //! ReadyForQuery; COPY requests give no latency sample. The tracker also knows whether the
@@ -21,6 +25,8 @@ struct PendingRequest {
     started: Instant,
     error: Option<[u8; 5]>,
     copy: bool,
+    /// Ended by a Sync (an extended-protocol batch), not by its own message.
+    extended: bool,
 }
 
 /// A request the backend has finished.
@@ -47,7 +53,11 @@ pub struct RequestTracker {
     pending: VecDeque<PendingRequest>,
     untracked: usize,
     batch_started: Option<Instant>,
+    /// The open batch (no Sync yet) started a COPY.
+    batch_copy: bool,
     copy_in: bool,
+    /// The next Sync after a COPY IN ends the COPY's request instead of starting a new one.
+    sync_ends_copy: bool,
     last_ready: Option<Instant>,
     transaction_status: u8,
     logged_in: bool,
@@ -84,26 +94,29 @@ impl RequestTracker {
             return;
         }
         match tag {
-            b'Q' | b'F' => self.push(now),
+            b'Q' | b'F' => self.push(now, false, false),
             b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => {
                 self.batch_started.get_or_insert(now);
             }
             b'S' if self.copy_in => {}
+            b'S' if self.sync_ends_copy => self.sync_ends_copy = false,
             b'S' => {
                 let started = self.batch_started.take().unwrap_or(now);
-                self.push(started);
+                let copy = std::mem::take(&mut self.batch_copy);
+                self.push(started, true, copy);
             }
             b'c' | b'f' => self.copy_in = false,
             _ => {}
         }
     }
 
-    fn push(&mut self, started: Instant) {
+    fn push(&mut self, started: Instant, extended: bool, copy: bool) {
         if self.pending.len() < MAX_TRACKED_REQUESTS {
             self.pending.push_back(PendingRequest {
                 started,
                 error: None,
-                copy: false,
+                copy,
+                extended,
             });
         } else {
             self.untracked += 1;
@@ -136,11 +149,19 @@ impl RequestTracker {
                 BackendEvent::Nothing
             }
             b'G' | b'H' | b'W' => {
-                if tag == b'G' || tag == b'W' {
-                    self.copy_in = true;
-                }
-                if let Some(front) = self.pending.front_mut() {
-                    front.copy = true;
+                let copy_in = tag == b'G' || tag == b'W';
+                self.copy_in |= copy_in;
+                match self.pending.front_mut() {
+                    Some(front) => {
+                        front.copy = true;
+                        if copy_in && front.extended {
+                            // The Syncs counted after this batch went to a COPY that ignores them.
+                            self.pending.truncate(1);
+                            self.untracked = 0;
+                            self.sync_ends_copy = true;
+                        }
+                    }
+                    None => self.batch_copy = self.batch_started.is_some(),
                 }
                 BackendEvent::Nothing
             }
@@ -183,6 +204,8 @@ impl RequestTracker {
         self.pending.clear();
         self.untracked = 0;
         self.batch_started = None;
+        self.batch_copy = false;
+        self.sync_ends_copy = false;
         lost
     }
 }
@@ -246,6 +269,65 @@ mod tests {
         tracker.on_client_message(b'd', t0);
         tracker.on_client_message(b'S', t0);
         tracker.on_client_message(b'c', t0);
+        let event = tracker.on_backend_message(b'Z', Some(b"I"), t0);
+        assert_eq!(
+            event,
+            BackendEvent::Completed(CompletedRequest {
+                latency: None,
+                error: None
+            })
+        );
+        assert!(tracker.at_idle_point());
+    }
+
+    /// tokio-postgres and libpq: Bind, Execute, Sync; CopyInResponse; data; CopyDone, Sync.
+    #[test]
+    fn extended_copy_in_with_a_sync_before_and_after() {
+        let t0 = Instant::now();
+        let mut tracker = logged_in(t0);
+        for tag in [b'B', b'E', b'S'] {
+            tracker.on_client_message(tag, t0);
+        }
+        tracker.on_backend_message(b'2', None, t0);
+        tracker.on_backend_message(b'G', None, t0);
+        for tag in [b'd', b'd', b'c', b'S'] {
+            tracker.on_client_message(tag, t0);
+        }
+        tracker.on_backend_message(b'C', None, t0);
+        let event = tracker.on_backend_message(b'Z', Some(b"I"), t0);
+        assert_eq!(
+            event,
+            BackendEvent::Completed(CompletedRequest {
+                latency: None,
+                error: None
+            })
+        );
+        assert!(tracker.at_idle_point(), "no phantom request is left behind");
+        // The next request is measured normally.
+        tracker.on_client_message(b'Q', t0);
+        let next = tracker.on_backend_message(b'Z', Some(b"I"), t0 + Duration::from_millis(2));
+        assert!(matches!(
+            next,
+            BackendEvent::Completed(CompletedRequest {
+                latency: Some(_),
+                ..
+            })
+        ));
+        assert!(tracker.at_idle_point());
+    }
+
+    /// A client that waits for CopyInResponse before sending any Sync.
+    #[test]
+    fn extended_copy_in_with_its_sync_after_copy_done() {
+        let t0 = Instant::now();
+        let mut tracker = logged_in(t0);
+        for tag in [b'P', b'B', b'E', b'H'] {
+            tracker.on_client_message(tag, t0);
+        }
+        tracker.on_backend_message(b'G', None, t0);
+        for tag in [b'd', b'c', b'S'] {
+            tracker.on_client_message(tag, t0);
+        }
         let event = tracker.on_backend_message(b'Z', Some(b"I"), t0);
         assert_eq!(
             event,

@@ -201,3 +201,119 @@ pub async fn expect_ended_with(
     );
     error
 }
+
+/// A whole pgshift (proxy, controller, admin socket) inside the test process, from a config
+/// file in its own temp dir (where the admin socket and state file also live).
+pub struct TestServer {
+    pub server: Option<pgshift::server::Server>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl TestServer {
+    /// Starts pgshift in front of `pair`; `extra` is TOML for sections other than `[listen]`
+    /// and `[routing]` (placed before `[routing]`), `routing` the `[routing]` keys.
+    pub async fn start(
+        pair: &ClusterPair,
+        extra: &str,
+        routing: &str,
+        seed: Option<u64>,
+    ) -> TestServer {
+        let port = free_port();
+        let text = config_text(pair, port, "", &format!("{routing}\n{extra}"));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("pgshift.toml");
+        std::fs::write(&config_path, text).expect("write config");
+        let mut server = TestServer {
+            server: None,
+            port,
+            dir,
+            config_path,
+        };
+        server.restart(seed).await.expect("pgshift starts");
+        server
+    }
+
+    /// Starts (again) from the same config file and state file.
+    pub async fn restart(&mut self, seed: Option<u64>) -> anyhow::Result<()> {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+        let config =
+            Config::load(&self.config_path).map_err(|errors| anyhow::anyhow!("{errors}"))?;
+        let options = pgshift::server::ServerOptions {
+            reset_state: false,
+            proxy: ProxyOptions {
+                routing_seed: seed,
+                ..ProxyOptions::default()
+            },
+        };
+        self.server =
+            Some(pgshift::server::Server::start(config, self.config_path.clone(), options).await?);
+        Ok(())
+    }
+
+    pub fn server(&self) -> &pgshift::server::Server {
+        self.server.as_ref().expect("server running")
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join("pgshift.sock")
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.path().join("pgshift-state.json")
+    }
+
+    /// Sends one admin command over the socket and returns the JSON reply.
+    pub async fn admin(&self, line: &str) -> serde_json::Value {
+        admin_command(&self.socket_path(), line).await
+    }
+
+    pub fn dsn(&self, user: &str, password: Option<&str>, dbname: &str) -> String {
+        let mut dsn = format!(
+            "host=127.0.0.1 port={} user={user} dbname={dbname}",
+            self.port
+        );
+        if let Some(password) = password {
+            dsn.push_str(&format!(" password={password}"));
+        }
+        dsn
+    }
+
+    pub fn app_dsn(&self) -> String {
+        self.dsn(TEST_USER, Some(TEST_PASSWORD), "app")
+    }
+
+    pub fn bulk_dsn(&self) -> String {
+        self.dsn(BULK_USER, None, "app")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(server) = self.server.take() {
+            tokio::time::timeout(Duration::from_secs(30), server.shutdown())
+                .await
+                .expect("pgshift shuts down");
+        }
+    }
+}
+
+/// Sends one admin command line to the socket at `path` and parses the one-line reply.
+pub async fn admin_command(path: &std::path::Path, line: &str) -> serde_json::Value {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut stream = tokio::net::UnixStream::connect(path)
+        .await
+        .expect("connect to the admin socket");
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .await
+        .expect("send command");
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .await
+        .expect("read reply");
+    serde_json::from_str(&reply)
+        .unwrap_or_else(|error| panic!("reply is not JSON ({error}): {reply}"))
+}
