@@ -237,13 +237,22 @@ impl TestServer {
 
     /// Starts (again) from the same config file and state file.
     pub async fn restart(&mut self, seed: Option<u64>) -> anyhow::Result<()> {
+        self.restart_with(seed, false).await
+    }
+
+    /// Starts (again); `reset_state` discards the saved state as `run --reset-state` does.
+    pub async fn restart_with(
+        &mut self,
+        seed: Option<u64>,
+        reset_state: bool,
+    ) -> anyhow::Result<()> {
         if let Some(server) = self.server.take() {
             server.shutdown().await;
         }
         let config =
             Config::load(&self.config_path).map_err(|errors| anyhow::anyhow!("{errors}"))?;
         let options = pgshift::server::ServerOptions {
-            reset_state: false,
+            reset_state,
             proxy: ProxyOptions {
                 routing_seed: seed,
                 ..ProxyOptions::default()
