@@ -275,6 +275,9 @@ pub struct ListenConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_mode: TlsMode,
+    /// CA certificates client certificates must chain to (mutual TLS); `None`: no client
+    /// certificate is asked for.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for ListenConfig {
@@ -292,6 +295,7 @@ impl Default for ListenConfig {
             tls_cert: None,
             tls_key: None,
             tls_mode: TlsMode::Disable,
+            tls_client_ca: None,
         }
     }
 }
@@ -633,6 +637,12 @@ impl Config {
             ),
             _ => {}
         }
+        if self.listen.tls_mode == TlsMode::Disable && self.listen.tls_client_ca.is_some() {
+            warn(
+                "listen.tls_client_ca",
+                "set, but tls_mode = \"disable\": no client certificate is asked for".to_string(),
+            );
+        }
         for color in Color::ALL {
             let backend = self.backend(color);
             if backend.tls == BackendTlsMode::Disable
@@ -731,6 +741,13 @@ impl Config {
         let tls = match &listen.tls_cert {
             Some(cert) => format!("TLS {} with {}", listen.tls_mode, cert.display()),
             None => format!("TLS {}", listen.tls_mode),
+        };
+        let tls = match &listen.tls_client_ca {
+            Some(ca) if listen.tls_mode != TlsMode::Disable => format!(
+                "{tls}, client certificates required, signed by a CA in {}",
+                ca.display()
+            ),
+            _ => tls,
         };
         lines.push(format!(
             "[listen] clients connect to {} (up to {} at once, login within {}, {tls})",
@@ -931,16 +948,36 @@ fn describe_backend(color: Color, backend: &BackendConfig) -> String {
         Color::Blue => "current",
         Color::Green => "new",
     };
+    let tls = match backend.tls {
+        BackendTlsMode::Disable => "TLS disable".to_string(),
+        mode => {
+            let checked = match (mode, &backend.ca_file) {
+                (BackendTlsMode::VerifyFull, _) => "certificate and host name verified",
+                (_, Some(_)) => "certificate chain verified, host name not",
+                (_, None) => "certificate not verified",
+            };
+            let fallback = if mode == BackendTlsMode::Prefer {
+                ", plaintext if the server refuses TLS"
+            } else {
+                ""
+            };
+            format!("TLS {mode}: {checked}{fallback}")
+        }
+    };
     let ca = backend
         .ca_file
         .as_deref()
         .map(|ca| format!(", CA {}", ca.display()))
         .unwrap_or_default();
+    let client_cert = backend
+        .tls_cert
+        .as_deref()
+        .map(|cert| format!(", client certificate {}", cert.display()))
+        .unwrap_or_default();
     format!(
-        "[{color}] the {role} database at {} (connect timeout {}, TLS {}{ca})",
+        "[{color}] the {role} database at {} (connect timeout {}, {tls}{ca}{client_cert})",
         backend.address(),
         format_duration(backend.connect_timeout),
-        backend.tls,
     )
 }
 
@@ -1082,6 +1119,14 @@ fn read_listen(mut section: TableReader<'_>, base_dir: &Path) -> ListenConfig {
         None if cert_written => TlsMode::Prefer,
         None => TlsMode::Disable,
     };
+    let client_ca_written = section.contains("tls_client_ca");
+    let tls_client_ca = section.path("tls_client_ca", base_dir);
+    if client_ca_written && !cert_written {
+        section.report(
+            "tls_client_ca",
+            "client certificates need client-facing TLS: set tls_cert and tls_key too",
+        );
+    }
     section.finish();
 
     ListenConfig {
@@ -1097,6 +1142,7 @@ fn read_listen(mut section: TableReader<'_>, base_dir: &Path) -> ListenConfig {
         tls_cert,
         tls_key,
         tls_mode,
+        tls_client_ca,
     }
 }
 
@@ -1189,7 +1235,14 @@ fn read_backend(mut section: TableReader<'_>, base_dir: &Path) -> BackendConfig 
     let tls = section
         .choice::<BackendTlsMode>("tls")
         .unwrap_or(BackendTlsMode::Disable);
+    let ca_written = section.contains("ca_file");
     let ca_file = section.path("ca_file", base_dir);
+    if tls == BackendTlsMode::VerifyFull && !ca_written {
+        section.report(
+            "tls",
+            "\"verify-full\" needs ca_file (the CA certificates the server's certificate must chain to)",
+        );
+    }
     let cert_written = section.contains("tls_cert");
     let key_written = section.contains("tls_key");
     let tls_cert = section.path("tls_cert", base_dir);
@@ -2856,6 +2909,44 @@ action = "warn"
                 .iter()
                 .any(|warning| warning.starts_with("listen.tls_mode: \"prefer\" without tls_cert")),
             "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn client_ca_and_backend_verification_need_their_files() {
+        assert_eq!(
+            problem_keys(&with_minimal("[listen]\ntls_client_ca = \"ca.pem\"\n")),
+            vec!["listen.tls_client_ca"]
+        );
+        let config = parse_ok(&with_minimal(
+            "[listen]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\ntls_client_ca = \"ca.pem\"\n",
+        ));
+        assert_eq!(
+            config.listen.tls_client_ca,
+            Some(PathBuf::from("/etc/pgshift/ca.pem"))
+        );
+        assert!(
+            config.describe(&["listen"])[0].contains("client certificates required"),
+            "{:?}",
+            config.describe(&["listen"])
+        );
+        let text = "[blue]\nhost = \"db\"\nport = 5432\ntls = \"verify-full\"\n\
+                    [green]\nhost = \"127.0.0.1\"\nport = 5433\ntls = \"verify-full\"\nca_file = \"ca.pem\"\n";
+        assert_eq!(problem_keys(text), vec!["blue.tls"]);
+        let config = parse_ok(&text.replace(
+            "tls = \"verify-full\"\n[green]",
+            "tls = \"require\"\n[green]",
+        ));
+        let text = config.describe(&["blue", "green"]).join("\n");
+        assert!(
+            text.contains("[blue] the current database at db:5432 (connect timeout 5s, TLS require: certificate not verified)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "TLS verify-full: certificate and host name verified, CA /etc/pgshift/ca.pem"
+            ),
+            "{text}"
         );
     }
 

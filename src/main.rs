@@ -42,6 +42,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Rehearse a migration: many sessions writing and reading; errors, stalls and missing
+    /// acknowledged writes reported.
+    Probe(pgshift::probe::ProbeArgs),
+    /// Run a one-command demo on this machine: two throwaway clusters, a broken rollout rolled
+    /// back, a healthy one promoted.
+    Demo(pgshift::demo::DemoArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -51,7 +57,9 @@ enum LogFormat {
 }
 
 /// Config sections this build puts to work; the others are accepted and reported as inactive.
-const ACTIVE_SECTIONS: &[&str] = &["listen", "admin", "blue", "green", "routing"];
+const ACTIVE_SECTIONS: &[&str] = &[
+    "listen", "admin", "metrics", "blue", "green", "routing", "rollout",
+];
 
 /// `pgshift ctl`'s exit code for a usage error (sysexits' EX_USAGE).
 const CTL_USAGE_ERROR: u8 = 64;
@@ -79,6 +87,8 @@ fn main() -> ExitCode {
             reset_state,
         } => run(&config, log_format, reset_state),
         Command::Ctl(args) => run_ctl(args),
+        Command::Probe(args) => pgshift::probe::run_probe(args),
+        Command::Demo(args) => pgshift::demo::run_demo(args),
     }
 }
 
@@ -95,15 +105,25 @@ fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // TLS: every certificate, key and CA file read and checked as `run` would.
+    let tls = match pgshift::tls::TlsConfigs::build(&config) {
+        Ok(tls) => tls,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "{}: {} TLS problem(s); nothing was started",
+                path.display(),
+                errors.0.len()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     for line in config.describe(ACTIVE_SECTIONS) {
         println!("{line}");
     }
-    println!(
-        "[rollout] in use now: state_file, drain_on_switch, drain_grace ({}), drain_timeout ({}), drain_rate ({}/s, 0 = no limit); the step plan, triggers and decision log arrive with the monitor",
-        humantime::format_duration(config.rollout.drain_grace),
-        humantime::format_duration(config.rollout.drain_timeout),
-        config.rollout.drain_rate
-    );
+    for line in &tls.loaded {
+        println!("[tls] {line}");
+    }
     let store = state_store(&config);
     match store.load() {
         Ok(Some(saved)) => println!(

@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::controller::store::{FileStore, MemoryStore, StateStore};
 use crate::controller::{Controller, ControllerHandle, StateSource, initial_state};
 use crate::proxy::{Proxy, ProxyOptions};
+use crate::telemetry::{self, MetricsServer};
 
 /// Options for [`Server::start`].
 #[derive(Debug, Clone, Default)]
@@ -25,6 +26,7 @@ pub struct Server {
     controller: ControllerHandle,
     controller_task: tokio::task::JoinHandle<()>,
     admin: AdminServer,
+    metrics: Option<MetricsServer>,
 }
 
 /// The state store a config asks for.
@@ -61,7 +63,10 @@ impl Server {
             ),
         }
         options.proxy.initial_table = Some(state.routing_table(&config));
+        // Before anything records a metric: values recorded earlier would be lost.
+        telemetry::prometheus_handle();
         let admin_config = config.admin.clone();
+        let metrics_addr = config.metrics.addr.clone();
         let proxy = Proxy::start(config, options.proxy).await?;
         let (controller, controller_task) =
             Controller::spawn(proxy.shared().clone(), store, state, config_path);
@@ -72,11 +77,23 @@ impl Server {
                 return Err(error).context("cannot open the admin socket ([admin] socket)");
             }
         };
+        let metrics = match &metrics_addr {
+            None => None,
+            Some(addr) => match MetricsServer::start(addr, proxy.shared().clone()).await {
+                Ok(metrics) => Some(metrics),
+                Err(error) => {
+                    admin.shutdown().await;
+                    proxy.shutdown().await;
+                    return Err(error);
+                }
+            },
+        };
         Ok(Server {
             proxy,
             controller,
             controller_task,
             admin,
+            metrics,
         })
     }
 
@@ -92,10 +109,19 @@ impl Server {
         self.admin.path()
     }
 
-    /// Graceful shutdown: the admin socket closes, then the proxy drains its sessions.
+    /// Where `/metrics` and `/healthz` are served, when `[metrics] addr` is set.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
+    }
+
+    /// Graceful shutdown: the admin socket closes, then the proxy drains its sessions (while
+    /// `/healthz` answers 503), then the metrics listener closes.
     pub async fn shutdown(self) {
         self.admin.shutdown().await;
         self.proxy.shutdown().await;
+        if let Some(metrics) = self.metrics {
+            metrics.shutdown().await;
+        }
         drop(self.controller);
         self.controller_task.abort();
     }

@@ -6,6 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use pgshift::color::Color;
 use support::pgshift::{TestProxy, sqlstate};
 use support::shared_pair;
 use support::wire::{cancel_packet, message, read_message, read_until, send_query, startup_packet};
@@ -53,12 +54,33 @@ async fn cancel_token_stops_only_its_own_query_in_both_colors() {
             .expect("join")
             .expect("the other session's query was not cancelled");
         let stats = &proxy.proxy().shared().stats;
+        // A query the client cancelled is not counted against the backend's color.
+        let color = if weight == "0" {
+            Color::Blue
+        } else {
+            Color::Green
+        };
+        let snapshot = stats.color(color).snapshot();
         assert_eq!(
-            stats
-                .cancel_forwarded
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
+            snapshot.errors_by_sqlstate.get(b"57014"),
+            None,
+            "{snapshot:?}"
         );
+        assert_eq!(snapshot.request_errors, 0);
+        // The cancel is counted once its connection to the backend closes, which may come
+        // just after the 57014 reached the client.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while stats
+            .cancel_forwarded
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != 1
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the cancel was not counted as forwarded"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         proxy.stop().await;
     }
 }

@@ -14,7 +14,7 @@ pub const VERBS: [&str; 11] = [
 ];
 
 /// The `rollout` subcommands.
-const ROLLOUT_ACTIONS: [&str; 4] = ["start", "next", "pause", "resume"];
+const ROLLOUT_ACTIONS: [&str; 5] = ["start", "next", "pause", "resume", "evaluate"];
 
 /// Parses one command line (without its `\n`; a trailing `\r` is ignored).
 ///
@@ -166,6 +166,7 @@ fn parse_rollout(arguments: &[&str]) -> Result<Command, String> {
         ["next"] => Ok(Command::RolloutNext),
         ["pause"] => Ok(Command::RolloutPause),
         ["resume"] => Ok(Command::RolloutResume),
+        ["evaluate"] => Ok(Command::RolloutEvaluate),
         [] => Err(format!("rollout needs one of: {expected}")),
         [action] => Err(format!(
             "unknown rollout action {action:?}; expected one of: {expected}"
@@ -359,6 +360,7 @@ mod tests {
         assert_eq!(parsed("rollout next"), Command::RolloutNext);
         assert_eq!(parsed("rollout pause"), Command::RolloutPause);
         assert_eq!(parsed("rollout resume"), Command::RolloutResume);
+        assert_eq!(parsed("rollout evaluate"), Command::RolloutEvaluate);
         assert!(refused("rollout").contains("start, next, pause, resume"));
         assert!(refused("rollout stop").contains("unknown rollout action \"stop\""));
         assert!(refused("rollout start now").contains("no further arguments"));
@@ -472,6 +474,7 @@ mod tests {
             Command::RolloutNext,
             Command::RolloutPause,
             Command::RolloutResume,
+            Command::RolloutEvaluate,
             Command::Promote { check_only: false },
             Command::Promote { check_only: true },
             Command::CutoverAbort,

@@ -47,6 +47,8 @@ pub enum Command {
     RolloutNext,
     RolloutPause,
     RolloutResume,
+    /// Evaluate the triggers now and act on the verdict, as the periodic evaluation would.
+    RolloutEvaluate,
     /// Green takes 100 %; `check_only` runs the guardrails and changes nothing.
     Promote {
         check_only: bool,
@@ -80,6 +82,7 @@ impl Command {
             Command::RolloutNext => "rollout next",
             Command::RolloutPause => "rollout pause",
             Command::RolloutResume => "rollout resume",
+            Command::RolloutEvaluate => "rollout evaluate",
             Command::Promote { .. } => "promote",
             Command::CutoverAbort => "cutover abort",
             Command::Rollback { .. } => "rollback",

@@ -64,6 +64,9 @@ use crate::color::Color;
 use crate::config::Config;
 use crate::proxy::Shared;
 use crate::proxy::registry::{CloseOrder, CloseReason};
+use crate::rollout::lag::{self, LagReading};
+use crate::rollout::plan::{self, PlanAction, PlanMemory};
+use crate::rollout::verdict::{self, Evaluation, Verdict};
 use state::{RoutingState, Transition};
 use status::Decision;
 use store::{RolloutState, StateStore, StoreError};
@@ -95,7 +98,7 @@ pub fn initial_state(
     }
     match store.load()? {
         Some(saved) => Ok((
-            RoutingState::from_persisted(&saved, Instant::now()),
+            RoutingState::from_persisted(&saved, Instant::now(), SystemTime::now()),
             StateSource::Store(store.describe()),
         )),
         None => Ok((RoutingState::from_config(config), StateSource::Config)),
@@ -122,6 +125,10 @@ pub struct Controller {
     last_sample: Option<Instant>,
     drains: [Option<DrainJob>; 2],
     config_path: PathBuf,
+    plan_memory: PlanMemory,
+    last_evaluation: Option<(SystemTime, Evaluation)>,
+    evaluated_at: Option<Instant>,
+    lag: tokio::sync::watch::Receiver<LagReading>,
 }
 
 impl Controller {
@@ -144,6 +151,7 @@ impl Controller {
                 });
             }
         }
+        let shared_for_lag = shared.clone();
         let controller = Controller {
             shared,
             store,
@@ -154,6 +162,10 @@ impl Controller {
             last_sample: None,
             drains,
             config_path,
+            plan_memory: PlanMemory::default(),
+            last_evaluation: None,
+            evaluated_at: None,
+            lag: lag::spawn(shared_for_lag),
         };
         controller.publish();
         let (sender, receiver) = mpsc::channel(64);
@@ -184,12 +196,206 @@ impl Controller {
             }
             Command::Reload => self.reload(actor),
             Command::Promote { check_only: true } => self.promote_check(),
+            Command::RolloutNext => self.rollout_next(actor),
+            Command::RolloutEvaluate => {
+                let (evaluation, actions) = self.evaluate_and_act(Instant::now());
+                let mut reply = Map::new();
+                reply.insert("evaluation".into(), json!(evaluation.summary()));
+                reply.insert("verdict".into(), json!(verdict_name(&evaluation.verdict)));
+                reply.insert("actions".into(), json!(actions));
+                reply.insert("state".into(), json!(self.state.rollout.as_str()));
+                reply.insert(
+                    "green_weight".into(),
+                    json!(f64::from(self.state.green_weight_bp) / 100.0),
+                );
+                Ok(reply)
+            }
             command => {
+                let now = Instant::now();
+                if let Command::Promote { check_only: false } = command
+                    && let Some(reason) = self.lag_blocks(now)
+                {
+                    return Err(format!("promote refused: {reason}"));
+                }
                 let config = self.shared.config.load_full();
-                let transition = state::apply(&self.state, &command, &config)?;
-                self.commit(command.verb(), transition, actor)
+                let transition = state::apply(&self.state, &command, &config, now)?;
+                let reply = self.commit(command.verb(), transition, actor)?;
+                // An operator's change starts the plan's memory afresh.
+                self.plan_memory = PlanMemory::default();
+                Ok(reply)
             }
         }
+    }
+
+    /// Why the lag guardrail holds the rollout and promote now, if it does.
+    fn lag_blocks(&self, now: Instant) -> Option<String> {
+        let config = self.shared.config.load_full();
+        let stale_after = lag::poll_interval(&config) * 3 + Duration::from_secs(5);
+        self.lag
+            .borrow()
+            .blocks(config.rollout.max_lag, now, stale_after)
+    }
+
+    /// Reads the windows and evaluates every trigger.
+    fn evaluate(&mut self, now: Instant) -> (Evaluation, bool) {
+        self.sample(now);
+        let config = self.shared.config.load_full();
+        let (green, covered) = self.window.figures(Color::Green);
+        let (blue, _) = self.window.figures(Color::Blue);
+        let evaluation = verdict::evaluate(&green, &blue, covered, &config.rollout);
+        (evaluation, covered >= config.rollout.window)
+    }
+
+    /// One evaluation and whatever the plan decides after it; returns the evaluation and the
+    /// actions taken (as text).
+    fn evaluate_and_act(&mut self, now: Instant) -> (Evaluation, Vec<String>) {
+        self.evaluated_at = Some(now);
+        let (evaluation, full_window) = self.evaluate(now);
+        let config = self.shared.config.load_full();
+        let lag_blocks = self.lag_blocks(now);
+        let actions = plan::decide(
+            &self.state,
+            &mut self.plan_memory,
+            &evaluation,
+            &config.rollout,
+            now,
+            full_window,
+            lag_blocks.as_deref(),
+        );
+        let in_rollout = matches!(
+            self.state.rollout,
+            RolloutState::Running | RolloutState::Paused | RolloutState::Stalled
+        );
+        if in_rollout {
+            tracing::info!(
+                state = self.state.rollout.as_str(),
+                "evaluation: {}",
+                evaluation.summary()
+            );
+        } else {
+            tracing::debug!(
+                state = self.state.rollout.as_str(),
+                "evaluation: {}",
+                evaluation.summary()
+            );
+        }
+        let mut taken = Vec::new();
+        for action in actions {
+            if let Some(text) = self.apply_plan_action(action, &config, now) {
+                taken.push(text);
+            }
+        }
+        self.last_evaluation = Some((SystemTime::now(), evaluation.clone()));
+        (evaluation, taken)
+    }
+
+    /// Applies one of the plan's actions as the monitor; returns what was done.
+    fn apply_plan_action(
+        &mut self,
+        action: PlanAction,
+        config: &Config,
+        now: Instant,
+    ) -> Option<String> {
+        let monitor = Actor::Monitor;
+        let (name, transition) = match action {
+            PlanAction::Warn(reason) => {
+                self.record("warn", reason.clone(), &monitor);
+                return Some(format!("warn: {reason}"));
+            }
+            PlanAction::Pause(reason) => {
+                self.plan_memory.paused_by_trigger = true;
+                self.plan_memory.clear_since = None;
+                (
+                    "pause",
+                    Ok(state::set_rollout_state(
+                        &self.state,
+                        RolloutState::Paused,
+                        Some(reason),
+                    )),
+                )
+            }
+            PlanAction::Rollback(reason) => (
+                "rollback",
+                state::apply(
+                    &self.state,
+                    &Command::Rollback {
+                        reason: Some(reason),
+                    },
+                    config,
+                    now,
+                ),
+            ),
+            PlanAction::Advance => ("advance", state::advance(&self.state, config, now)),
+            PlanAction::Stall(reason) => (
+                "stall",
+                Ok(state::set_rollout_state(
+                    &self.state,
+                    RolloutState::Stalled,
+                    Some(reason),
+                )),
+            ),
+            PlanAction::Resume(reason) => {
+                let mut transition =
+                    state::set_rollout_state(&self.state, RolloutState::Running, None);
+                transition.description = format!("{}: {reason}", transition.description);
+                ("resume", Ok(transition))
+            }
+        };
+        let outcome = transition.and_then(|transition| self.commit(name, transition, &monitor));
+        match outcome {
+            Ok(reply) => {
+                if matches!(name, "advance" | "rollback" | "resume") {
+                    let paused_by_trigger = false;
+                    self.plan_memory = PlanMemory {
+                        paused_by_trigger,
+                        ..PlanMemory::default()
+                    };
+                }
+                reply
+                    .get("change")
+                    .and_then(Value::as_str)
+                    .map(|change| format!("{name}: {change}"))
+            }
+            Err(error) => {
+                tracing::error!(action = name, "the monitor could not {name}: {error}");
+                Some(format!("{name} failed: {error}"))
+            }
+        }
+    }
+
+    /// `rollout next`: advance one step now, ignoring the dwell but not the verdict.
+    fn rollout_next(&mut self, actor: &Actor) -> Reply {
+        if !matches!(
+            self.state.rollout,
+            RolloutState::Running | RolloutState::Paused | RolloutState::Stalled
+        ) {
+            return Err(format!(
+                "no rollout to advance (state {}); `rollout start` first",
+                self.state.rollout.as_str()
+            ));
+        }
+        let now = Instant::now();
+        if let Some(reason) = self.lag_blocks(now) {
+            return Err(format!("rollout next refused: {reason}"));
+        }
+        let (evaluation, _) = self.evaluate(now);
+        match &evaluation.verdict {
+            Verdict::Pass => {}
+            Verdict::Fail => {
+                return Err(format!(
+                    "rollout next refused: green fails its triggers ({})",
+                    evaluation.summary()
+                ));
+            }
+            Verdict::NoVerdict(reason) => {
+                return Err(format!("rollout next refused: no verdict yet ({reason})"));
+            }
+        }
+        let config = self.shared.config.load_full();
+        let transition = state::advance(&self.state, &config, now)?;
+        let reply = self.commit("rollout next", transition, actor)?;
+        self.plan_memory = PlanMemory::default();
+        Ok(reply)
     }
 
     /// Persists, then publishes, then records a transition. When the store refuses, nothing
@@ -202,7 +408,7 @@ impl Controller {
         } = transition;
         let now = Instant::now();
         if next != self.state {
-            let saved = next.persisted(now, rfc3339(SystemTime::now()));
+            let saved = next.persisted(now, SystemTime::now());
             self.store
                 .save(&saved)
                 .map_err(|error| format!("{error}; nothing was changed"))?;
@@ -269,6 +475,9 @@ impl Controller {
         let new = Config::load(&self.config_path).map_err(|errors| {
             format!("the config was not reloaded and nothing changed:\n{errors}")
         })?;
+        self.shared.tls.reload(&new).map_err(|errors| {
+            format!("the config was not reloaded and nothing changed:\n{errors}")
+        })?;
         let old = self.shared.config.load_full();
         let differs =
             |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
@@ -286,6 +495,14 @@ impl Controller {
             needs_restart.push("rollout.state_file");
         }
         let mut applied = Vec::new();
+        let uses_tls = new.listen.tls_cert.is_some()
+            || [&new.blue, &new.green]
+                .iter()
+                .any(|backend| backend.tls != crate::config::BackendTlsMode::Disable);
+        if uses_tls {
+            // Certificate files are re-read on every reload, changed or not.
+            applied.push("tls certificates re-read");
+        }
         for (name, changed) in [
             ("listen", differs(&old.listen, &new.listen)),
             ("blue", differs(&old.blue, &new.blue)),
@@ -351,13 +568,17 @@ impl Controller {
         metrics::counter!("pgshift_rollout_decisions_total", "action" => action.to_string())
             .increment(1);
         self.decisions_taken += 1;
-        self.decisions.push_back(Decision {
+        let decision = Decision {
             id: self.decisions_taken,
             time: rfc3339(SystemTime::now()),
             action: action.to_string(),
             reason,
             actor: actor.to_string(),
-        });
+        };
+        if let Some(path) = &self.shared.config.load().rollout.decision_log {
+            append_decision(path, &decision);
+        }
+        self.decisions.push_back(decision);
         while self.decisions.len() > DECISIONS_KEPT {
             self.decisions.pop_front();
         }
@@ -366,14 +587,31 @@ impl Controller {
 
     fn status(&self) -> Map<String, Value> {
         let config = self.shared.config.load_full();
-        status::status(
+        let mut reply = status::status(
             &self.state,
             &config,
             &self.window,
             &self.shared.sessions,
             &self.decisions,
             &self.store.describe(),
-        )
+        );
+        let now = Instant::now();
+        let next_step_at = plan::next_step_at(&self.state, &config.rollout)
+            .map(|at| rfc3339(SystemTime::now() + at.saturating_duration_since(now)));
+        reply.insert("next_step_at".into(), json!(next_step_at));
+        reply.insert("replication_lag".into(), json!(self.lag.borrow().value()));
+        reply.insert("lag_blocks".into(), json!(self.lag_blocks(now)));
+        if let Some((at, evaluation)) = &self.last_evaluation {
+            reply.insert(
+                "last_evaluation".into(),
+                json!({
+                    "time": rfc3339(*at),
+                    "verdict": verdict_name(&evaluation.verdict),
+                    "summary": evaluation.summary(),
+                }),
+            );
+        }
+        reply
     }
 
     fn sample(&mut self, now: Instant) {
@@ -382,6 +620,13 @@ impl Controller {
     }
 
     fn tick(&mut self, now: Instant) {
+        let evaluate_every = self.shared.config.load().rollout.evaluate_every;
+        if self
+            .evaluated_at
+            .is_none_or(|last| now.duration_since(last) >= evaluate_every)
+        {
+            self.evaluate_and_act(now);
+        }
         if self
             .last_sample
             .is_none_or(|last| now.duration_since(last) >= self.window.sampling_interval())
@@ -411,6 +656,35 @@ impl Controller {
             metrics::gauge!("pgshift_draining_sessions", "color" => color.as_str())
                 .set(sessions.count(Some(color)) as f64);
         }
+    }
+}
+
+/// The name of a verdict in replies.
+fn verdict_name(verdict: &Verdict) -> &'static str {
+    match verdict {
+        Verdict::Pass => "pass",
+        Verdict::Fail => "fail",
+        Verdict::NoVerdict(_) => "none",
+    }
+}
+
+/// Appends one decision as a JSON line to the decision log; a failure is logged, not fatal.
+fn append_decision(path: &std::path::Path, decision: &Decision) {
+    use std::io::Write;
+    let line = match serde_json::to_string(decision) {
+        Ok(line) => line + "\n",
+        Err(error) => {
+            tracing::warn!(%error, "cannot encode a decision for the decision log");
+            return;
+        }
+    };
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut file| file.write_all(line.as_bytes()));
+    if let Err(error) = written {
+        tracing::warn!(path = %path.display(), %error, "cannot append to the decision log ([rollout] decision_log)");
     }
 }
 

@@ -1,7 +1,7 @@
 //! The controller's routing state and how each command changes it, as pure functions: no
 //! I/O, no clock reads beyond the `now` passed in, so every transition is unit-tested.
 
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::command::{Command, PinKey};
 use super::store::{PersistedState, RolloutState, STATE_VERSION};
@@ -39,43 +39,55 @@ impl RoutingState {
         }
     }
 
-    /// The state a state file holds; `now` anchors the dwell clock it carried.
-    pub fn from_persisted(saved: &PersistedState, now: Instant) -> RoutingState {
+    /// The state a state file holds; the step's wall-clock start becomes an `Instant` by way of
+    /// `now` and `wall_now` (the same moment on both clocks).
+    pub fn from_persisted(
+        saved: &PersistedState,
+        now: Instant,
+        wall_now: SystemTime,
+    ) -> RoutingState {
         let mut draining = [false, false];
         for color in &saved.draining {
             draining[color.index()] = true;
         }
+        let step_started = saved.step_started_unix_ms.map(|started_ms| {
+            let started = UNIX_EPOCH + Duration::from_millis(started_ms);
+            let elapsed = wall_now.duration_since(started).unwrap_or(Duration::ZERO);
+            now.checked_sub(elapsed).unwrap_or(now)
+        });
         RoutingState {
             green_weight_bp: saved.green_weight_bp,
             rollout: saved.state,
             step: saved.step,
-            step_started: saved.step_elapsed_ms.map(|elapsed| {
-                now.checked_sub(std::time::Duration::from_millis(elapsed))
-                    .unwrap_or(now)
-            }),
+            step_started,
             reason: saved.reason.clone(),
             admin_pins: saved.admin_pins.clone(),
             draining,
         }
     }
 
-    /// What goes to the state store.
-    pub fn persisted(&self, now: Instant, updated_at: String) -> PersistedState {
+    /// What goes to the state store; `now` and `wall_now` are the same moment on both clocks.
+    pub fn persisted(&self, now: Instant, wall_now: SystemTime) -> PersistedState {
+        let step_started_unix_ms = self.step_started.map(|started| {
+            let started = wall_now - now.saturating_duration_since(started);
+            started
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_millis() as u64
+        });
         PersistedState {
             version: STATE_VERSION,
             green_weight_bp: self.green_weight_bp,
             state: self.rollout,
             step: self.step,
-            step_elapsed_ms: self
-                .step_started
-                .map(|started| now.saturating_duration_since(started).as_millis() as u64),
+            step_started_unix_ms,
             reason: self.reason.clone(),
             admin_pins: self.admin_pins.clone(),
             draining: Color::ALL
                 .into_iter()
                 .filter(|color| self.draining[color.index()])
                 .collect(),
-            updated_at,
+            updated_at: crate::controller::rfc3339(wall_now),
         }
     }
 
@@ -102,15 +114,14 @@ pub struct Transition {
     pub drain_after_grace: Option<Color>,
 }
 
-/// Why a rollout command is refused until the monitor exists.
-pub const ROLLOUT_NOT_AVAILABLE: &str = "rollout commands are not available yet in this build (the automatic rollout arrives with the monitor); use `weight N`, `promote` or `rollback`";
-
-/// Applies a state-changing command. `Status`, `Reload` and `promote --check` are not
-/// transitions; they are refused here.
+/// Applies a state-changing command at `now`. `Status`, `Reload`, `promote --check` and
+/// `rollout next` (which needs a fresh evaluation) are not plain transitions; they are refused
+/// here.
 pub fn apply(
     state: &RoutingState,
     command: &Command,
     config: &Config,
+    now: Instant,
 ) -> Result<Transition, String> {
     let mut next = state.clone();
     let mut drain_after_grace = None;
@@ -129,21 +140,7 @@ pub fn apply(
             }
             text
         }
-        Command::Promote { check_only: false } => {
-            if state.draining[Color::Green.index()] {
-                return Err("green is draining; `undrain green` before promoting it".into());
-            }
-            next.green_weight_bp = 10_000;
-            stop_rollout(&mut next, RolloutState::Promoted, None);
-            if config.rollout.drain_on_switch && !state.draining[Color::Blue.index()] {
-                next.draining[Color::Blue.index()] = true;
-                drain_after_grace = Some(Color::Blue);
-            }
-            format!(
-                "promoted: green weight {} → 100%",
-                format_percent(state.green_weight_bp)
-            )
-        }
+        Command::Promote { check_only: false } => return promote(state, config),
         Command::Rollback { reason } => {
             if state.draining[Color::Blue.index()] {
                 return Err("blue is draining; `undrain blue` before rolling back to it".into());
@@ -230,16 +227,41 @@ pub fn apply(
                 format!("undrain {color}: it was not draining")
             }
         }
-        Command::RolloutStart
-        | Command::RolloutNext
-        | Command::RolloutPause
-        | Command::RolloutResume => {
-            return Err(ROLLOUT_NOT_AVAILABLE.into());
-        }
+        Command::RolloutStart => return start_rollout(state, config, now),
+        Command::RolloutPause => match state.rollout {
+            RolloutState::Running | RolloutState::Stalled => {
+                return Ok(set_rollout_state(
+                    state,
+                    RolloutState::Paused,
+                    Some("paused by an operator".into()),
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "no rollout is running to pause (state {})",
+                    other.as_str()
+                ));
+            }
+        },
+        Command::RolloutResume => match state.rollout {
+            RolloutState::Paused | RolloutState::Stalled => {
+                return Ok(set_rollout_state(state, RolloutState::Running, None));
+            }
+            other => {
+                return Err(format!(
+                    "no paused or stalled rollout to resume (state {})",
+                    other.as_str()
+                ));
+            }
+        },
         Command::CutoverAbort => {
             return Err("no cutover is in progress ([cutover] mode \"drain\" closes sessions at idle points instead)".into());
         }
-        Command::Status | Command::Reload | Command::Promote { check_only: true } => {
+        Command::Status
+        | Command::Reload
+        | Command::Promote { check_only: true }
+        | Command::RolloutNext
+        | Command::RolloutEvaluate => {
             return Err(format!("`{}` changes no routing state", command.verb()));
         }
     };
@@ -248,6 +270,134 @@ pub fn apply(
         description,
         drain_after_grace,
     })
+}
+
+/// `promote`: green takes 100 %; blue drains after `drain_grace` when `drain_on_switch`.
+pub fn promote(state: &RoutingState, config: &Config) -> Result<Transition, String> {
+    if state.draining[Color::Green.index()] {
+        return Err("green is draining; `undrain green` before promoting it".into());
+    }
+    let mut next = state.clone();
+    next.green_weight_bp = 10_000;
+    stop_rollout(&mut next, RolloutState::Promoted, None);
+    let mut drain_after_grace = None;
+    if config.rollout.drain_on_switch && !state.draining[Color::Blue.index()] {
+        next.draining[Color::Blue.index()] = true;
+        drain_after_grace = Some(Color::Blue);
+    }
+    Ok(Transition {
+        next,
+        description: format!(
+            "promoted: green weight {} → 100%",
+            format_percent(state.green_weight_bp)
+        ),
+        drain_after_grace,
+    })
+}
+
+/// `rollout start`: the first step above the current weight, running, dwell clock at `now`.
+pub fn start_rollout(
+    state: &RoutingState,
+    config: &Config,
+    now: Instant,
+) -> Result<Transition, String> {
+    if state.rollout == RolloutState::Running {
+        return Err(format!(
+            "a rollout is running already (step {} of {})",
+            state.step.map_or(0, |step| step + 1),
+            config.rollout.steps.len()
+        ));
+    }
+    if state.draining[Color::Green.index()] {
+        return Err("green is draining; `undrain green` before starting a rollout".into());
+    }
+    let steps = &config.rollout.steps;
+    let Some(step) = steps
+        .iter()
+        .position(|&weight| weight > state.green_weight_bp)
+    else {
+        return Err(format!(
+            "green is at {}, at or above the last step ({}); use `promote`",
+            format_percent(state.green_weight_bp),
+            steps
+                .last()
+                .map_or_else(|| "none".to_string(), |last| format_percent(*last))
+        ));
+    };
+    let mut next = state.clone();
+    next.green_weight_bp = steps[step];
+    next.rollout = RolloutState::Running;
+    next.step = Some(step);
+    next.step_started = Some(now);
+    next.reason = None;
+    Ok(Transition {
+        description: format!(
+            "rollout started: step {} of {}, green weight {} → {}",
+            step + 1,
+            steps.len(),
+            format_percent(state.green_weight_bp),
+            format_percent(steps[step])
+        ),
+        next,
+        drain_after_grace: None,
+    })
+}
+
+/// The next step of a running rollout, or promotion after the last one.
+pub fn advance(state: &RoutingState, config: &Config, now: Instant) -> Result<Transition, String> {
+    let steps = &config.rollout.steps;
+    let next_step = state.step.map_or(0, |step| step + 1);
+    if next_step >= steps.len() {
+        let mut promoted = promote(state, config)?;
+        promoted.description = format!(
+            "rollout complete after its last step; {}",
+            promoted.description
+        );
+        return Ok(promoted);
+    }
+    let mut next = state.clone();
+    next.green_weight_bp = steps[next_step];
+    next.step = Some(next_step);
+    next.step_started = Some(now);
+    next.reason = None;
+    if next.rollout == RolloutState::Stalled {
+        next.rollout = RolloutState::Running;
+    }
+    Ok(Transition {
+        description: format!(
+            "advanced to step {} of {}: green weight {} → {}",
+            next_step + 1,
+            steps.len(),
+            format_percent(state.green_weight_bp),
+            format_percent(steps[next_step])
+        ),
+        next,
+        drain_after_grace: None,
+    })
+}
+
+/// Moves the rollout to `rollout` (pause, stall, resume) with `reason`, keeping the step and
+/// its dwell clock.
+pub fn set_rollout_state(
+    state: &RoutingState,
+    rollout: RolloutState,
+    reason: Option<String>,
+) -> Transition {
+    let mut next = state.clone();
+    next.rollout = rollout;
+    next.reason = reason.clone();
+    let because = reason
+        .map(|reason| format!(": {reason}"))
+        .unwrap_or_default();
+    Transition {
+        description: format!(
+            "rollout {} → {}{because}",
+            state.rollout.as_str(),
+            rollout.as_str()
+        ),
+        next,
+        drain_after_grace: None,
+    }
 }
 
 /// Ends any running rollout in `state` (a manual change or a switch wins over the plan).
@@ -302,8 +452,13 @@ mod tests {
         let mut state = RoutingState::from_config(&config);
         state.rollout = RolloutState::Running;
         state.step = Some(2);
-        let change =
-            apply(&state, &Command::Weight { basis_points: 4000 }, &config).expect("weight");
+        let change = apply(
+            &state,
+            &Command::Weight { basis_points: 4000 },
+            &config,
+            Instant::now(),
+        )
+        .expect("weight");
         assert_eq!(change.next.green_weight_bp, 4000);
         assert_eq!(change.next.rollout, RolloutState::Manual);
         assert_eq!(change.next.step, None);
@@ -318,21 +473,40 @@ mod tests {
     fn promote_and_rollback_drain_the_loser_after_grace() {
         let config = config("");
         let state = RoutingState::from_config(&config);
-        let promoted =
-            apply(&state, &Command::Promote { check_only: false }, &config).expect("promote");
+        let promoted = apply(
+            &state,
+            &Command::Promote { check_only: false },
+            &config,
+            Instant::now(),
+        )
+        .expect("promote");
         assert_eq!(promoted.next.green_weight_bp, 10_000);
         assert_eq!(promoted.next.draining, [true, false]);
         assert_eq!(promoted.drain_after_grace, Some(Color::Blue));
         // Rolling back to a draining blue is refused until blue is undrained.
-        assert!(apply(&promoted.next, &Command::Rollback { reason: None }, &config).is_err());
-        let undrained =
-            apply(&promoted.next, &Command::Undrain(Color::Blue), &config).expect("undrain");
+        assert!(
+            apply(
+                &promoted.next,
+                &Command::Rollback { reason: None },
+                &config,
+                Instant::now()
+            )
+            .is_err()
+        );
+        let undrained = apply(
+            &promoted.next,
+            &Command::Undrain(Color::Blue),
+            &config,
+            Instant::now(),
+        )
+        .expect("undrain");
         let rolled = apply(
             &undrained.next,
             &Command::Rollback {
                 reason: Some("slow".into()),
             },
             &config,
+            Instant::now(),
         )
         .expect("rollback");
         assert_eq!(rolled.next.green_weight_bp, 0);
@@ -341,8 +515,13 @@ mod tests {
         assert_eq!(rolled.next.draining, [false, true]);
 
         let no_drain = self::config("[rollout]\ndrain_on_switch = false");
-        let promoted =
-            apply(&state, &Command::Promote { check_only: false }, &no_drain).expect("promote");
+        let promoted = apply(
+            &state,
+            &Command::Promote { check_only: false },
+            &no_drain,
+            Instant::now(),
+        )
+        .expect("promote");
         assert_eq!(promoted.next.draining, [false, false]);
     }
 
@@ -350,9 +529,21 @@ mod tests {
     fn draining_both_colors_is_refused() {
         let config = config("");
         let state = RoutingState::from_config(&config);
-        let drained = apply(&state, &Command::Drain(Color::Blue), &config).expect("drain");
+        let drained = apply(
+            &state,
+            &Command::Drain(Color::Blue),
+            &config,
+            Instant::now(),
+        )
+        .expect("drain");
         assert_eq!(drained.drain_after_grace, None);
-        let error = apply(&drained.next, &Command::Drain(Color::Green), &config).expect_err("both");
+        let error = apply(
+            &drained.next,
+            &Command::Drain(Color::Green),
+            &config,
+            Instant::now(),
+        )
+        .expect_err("both");
         assert!(error.contains("both"), "{error}");
     }
 
@@ -365,8 +556,9 @@ mod tests {
             value: "acme".into(),
             color,
         };
-        let first = apply(&state, &pin(Color::Green), &config).expect("pin");
-        let second = apply(&first.next, &pin(Color::Blue), &config).expect("re-pin");
+        let first = apply(&state, &pin(Color::Green), &config, Instant::now()).expect("pin");
+        let second =
+            apply(&first.next, &pin(Color::Blue), &config, Instant::now()).expect("re-pin");
         assert_eq!(second.next.admin_pins.len(), 1);
         assert_eq!(second.next.admin_pins[0].color, Color::Blue);
         let table = second.next.routing_table(&config);
@@ -380,11 +572,30 @@ mod tests {
             key,
             value: value.into(),
         };
-        let error = apply(&second.next, &unpin(PinKey::Database, "tenant_42"), &config)
-            .expect_err("config pin");
+        let error = apply(
+            &second.next,
+            &unpin(PinKey::Database, "tenant_42"),
+            &config,
+            Instant::now(),
+        )
+        .expect_err("config pin");
         assert!(error.contains("config file"), "{error}");
-        assert!(apply(&second.next, &unpin(PinKey::User, "nobody"), &config).is_err());
-        let removed = apply(&second.next, &unpin(PinKey::Tenant, "acme"), &config).expect("unpin");
+        assert!(
+            apply(
+                &second.next,
+                &unpin(PinKey::User, "nobody"),
+                &config,
+                Instant::now()
+            )
+            .is_err()
+        );
+        let removed = apply(
+            &second.next,
+            &unpin(PinKey::Tenant, "acme"),
+            &config,
+            Instant::now(),
+        )
+        .expect("unpin");
         assert!(removed.next.admin_pins.is_empty());
     }
 
@@ -392,25 +603,53 @@ mod tests {
     fn persisted_round_trip_keeps_the_dwell_clock() {
         let config = config("");
         let now = Instant::now();
+        let wall = SystemTime::now();
         let mut state = RoutingState::from_config(&config);
         state.step = Some(2);
-        state.step_started = now.checked_sub(std::time::Duration::from_secs(90));
+        state.step_started = now.checked_sub(Duration::from_secs(90));
         state.draining = [false, true];
-        let saved = state.persisted(now, "2026-11-29T00:00:00Z".into());
-        assert_eq!(saved.step_elapsed_ms, Some(90_000));
+        let saved = state.persisted(now, wall);
         assert_eq!(saved.draining, vec![Color::Green]);
-        let later = now + std::time::Duration::from_secs(5);
-        let restored = RoutingState::from_persisted(&saved, later);
+        // Restored 5 s later (pgshift was down meanwhile): the step has run 95 s.
+        let later = now + Duration::from_secs(5);
+        let restored = RoutingState::from_persisted(&saved, later, wall + Duration::from_secs(5));
         assert_eq!(restored.draining, [false, true]);
         let elapsed = later.duration_since(restored.step_started.expect("dwell clock"));
-        assert_eq!(elapsed.as_secs(), 90);
+        assert!((elapsed.as_secs_f64() - 95.0).abs() < 0.01, "{elapsed:?}");
     }
 
     #[test]
-    fn rollout_commands_wait_for_the_monitor() {
-        let config = config("");
-        let state = RoutingState::from_config(&config);
-        let error = apply(&state, &Command::RolloutStart, &config).expect_err("not yet");
-        assert!(error.contains("not available yet"), "{error}");
+    fn rollout_start_pause_resume_advance() {
+        let config = config("[rollout]\nsteps = [5, 10, 50]");
+        let now = Instant::now();
+        let mut state = RoutingState::from_config(&config);
+        state.green_weight_bp = 700;
+        let started = apply(&state, &Command::RolloutStart, &config, now).expect("start");
+        assert_eq!(
+            (started.next.green_weight_bp, started.next.step),
+            (1000, Some(1))
+        );
+        assert_eq!(started.next.rollout, RolloutState::Running);
+        assert!(apply(&started.next, &Command::RolloutStart, &config, now).is_err());
+        let paused = apply(&started.next, &Command::RolloutPause, &config, now).expect("pause");
+        assert_eq!(paused.next.rollout, RolloutState::Paused);
+        let resumed = apply(&paused.next, &Command::RolloutResume, &config, now).expect("resume");
+        assert_eq!(
+            resumed.next.step_started, started.next.step_started,
+            "the dwell clock goes on"
+        );
+        let advanced = advance(&resumed.next, &config, now).expect("advance");
+        assert_eq!(
+            (advanced.next.green_weight_bp, advanced.next.step),
+            (5000, Some(2))
+        );
+        let done = advance(&advanced.next, &config, now).expect("promote");
+        assert_eq!(done.next.rollout, RolloutState::Promoted);
+        assert_eq!(done.next.green_weight_bp, 10_000);
+        state.green_weight_bp = 5000;
+        assert!(
+            apply(&state, &Command::RolloutStart, &config, now).is_err(),
+            "nothing above 50 %"
+        );
     }
 }

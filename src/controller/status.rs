@@ -58,7 +58,6 @@ pub fn status(
     );
     reply.insert("state".into(), json!(state.rollout.as_str()));
     reply.insert("step".into(), json!(state.step));
-    reply.insert("next_step_at".into(), Value::Null);
     reply.insert("reason".into(), json!(state.reason));
     reply.insert(
         "draining".into(),

@@ -59,10 +59,10 @@ pub struct PersistedState {
     /// Index into `[rollout] steps` while a rollout runs.
     #[serde(default)]
     pub step: Option<usize>,
-    /// How long the current step had been in force when this was written, in milliseconds,
-    /// so that a restart continues the dwell clock instead of restarting it.
+    /// When the current step began (Unix time, milliseconds), so that a restart continues the
+    /// dwell clock instead of restarting it.
     #[serde(default)]
-    pub step_elapsed_ms: Option<u64>,
+    pub step_started_unix_ms: Option<u64>,
     /// Why the rollout is paused, stalled or rolled back.
     #[serde(default)]
     pub reason: Option<String>,
@@ -238,7 +238,7 @@ mod tests {
             green_weight_bp: 2500,
             state: RolloutState::Manual,
             step: None,
-            step_elapsed_ms: None,
+            step_started_unix_ms: None,
             reason: None,
             admin_pins: vec![Pin {
                 database: Some("tenant_42".into()),

@@ -5,7 +5,7 @@
 //! the last `window` are the newest snapshot minus the oldest one still inside the window.
 //! Sessions never see any of this: they only bump cumulative atomics.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::color::Color;
@@ -28,6 +28,8 @@ pub struct WindowFigures {
     pub latency_p99: Option<Duration>,
     /// The requests' latency histogram over the window (bucket counts).
     pub latency_counts: Vec<u64>,
+    /// Errors by SQLSTATE over the window.
+    pub errors_by_sqlstate: HashMap<[u8; 5], u64>,
 }
 
 impl WindowFigures {
@@ -61,6 +63,15 @@ impl WindowFigures {
             latency_p95: quantile(&latency_counts, 0.95),
             latency_p99: quantile(&latency_counts, 0.99),
             latency_counts,
+            errors_by_sqlstate: newer
+                .errors_by_sqlstate
+                .iter()
+                .map(|(code, count)| {
+                    let before = older.errors_by_sqlstate.get(code).copied().unwrap_or(0);
+                    (*code, count.saturating_sub(before))
+                })
+                .filter(|(_, count)| *count > 0)
+                .collect(),
         }
     }
 }

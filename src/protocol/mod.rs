@@ -1,6 +1,7 @@
 //! The Postgres wire protocol as pgshift needs it: framing by header only, the first packet a
 //! client sends (SSLRequest, GSSENCRequest, CancelRequest, StartupMessage), the `options`
-//! startup parameter, and the few messages pgshift builds or reads.
+//! startup parameter, the few messages pgshift builds or reads, and the SASL messages read to
+//! spot SCRAM channel binding.
 //!
 //! Everything here is pure parsing and building over byte slices; no module in here does I/O,
 //! so each piece can be tested and benchmarked alone.
@@ -8,6 +9,7 @@
 pub mod framing;
 pub mod messages;
 pub mod options;
+pub mod sasl;
 pub mod startup;
 
 /// The largest first packet (StartupMessage, CancelRequest, …) accepted, as in Postgres.

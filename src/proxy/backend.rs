@@ -1,27 +1,43 @@
-//! Reaching a color: TCP connect, socket options, the client's startup bytes forwarded, and
-//! the backend's first message awaited — all within the color's `connect_timeout`.
+//! Reaching a color: TCP connect, socket options, TLS when the color's `tls` asks for it, the
+//! client's startup bytes forwarded, and the backend's first message awaited — all within the
+//! color's `connect_timeout`.
+//!
+//! TLS is negotiated as libpq does: an SSLRequest, then the server's one-byte answer (`S`: a
+//! rustls handshake follows; `N`: plaintext, accepted only under `prefer`). Under `prefer` a
+//! failed handshake is retried in plaintext on a new connection, as libpq does; under `require`
+//! and `verify-full` it is an 08006 error naming the color and the TLS reason.
 //!
 //! This is the seam where "the backend of this session" is made; the relay only sees an
-//! established [`BackendConnection`]. TLS to the backend and logging in on the client's behalf
-//! (auth termination) slot in here.
+//! established [`BackendConnection`]. Logging in on the client's behalf (auth termination)
+//! slots in here.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::color::Color;
-use crate::config::{BackendConfig, ListenConfig};
+use crate::config::{BackendConfig, BackendTlsMode, ListenConfig};
 use crate::protocol::framing::MAX_INSPECTED_MESSAGE;
 use crate::protocol::messages::{ClientError, error_sqlstate};
+use crate::protocol::startup::SSL_REQUEST_CODE;
+use crate::tls::{self, BackendStream, MaybeTls};
+
+/// An SSLRequest packet: length 8, then the SSLRequest code.
+const SSL_REQUEST: [u8; 8] = {
+    let code = SSL_REQUEST_CODE.to_be_bytes();
+    [0, 0, 0, 8, code[0], code[1], code[2], code[3]]
+};
 
 /// A backend connection that has answered the startup with something other than an error.
 #[derive(Debug)]
 pub struct BackendConnection {
-    pub stream: TcpStream,
+    /// Plain TCP, or TLS when the color's `tls` got it.
+    pub stream: BackendStream,
     pub color: Color,
     pub addr: SocketAddr,
     /// What the backend sent so far (at least one whole message): relay it to the client.
@@ -43,6 +59,13 @@ pub enum ConnectError {
         address: String,
         timeout: Duration,
     },
+    /// TLS to the backend could not be set up (refused, or the handshake failed).
+    #[error("TLS to the {color} database at {address} failed: {reason}")]
+    Tls {
+        color: Color,
+        address: String,
+        reason: String,
+    },
     /// The backend refused the session before any byte reached the client.
     #[error("the {color} database at {address} refused the session ({sqlstate})", sqlstate = String::from_utf8_lossy(.sqlstate))]
     Refused {
@@ -59,6 +82,11 @@ impl ConnectError {
     pub fn client_response(&self) -> BytesMut {
         match self {
             ConnectError::Refused { response, .. } => response.clone(),
+            ConnectError::Tls { color, .. } => ClientError::fatal("08006", self.to_string())
+                .with_hint(format!(
+                    "check [{color}] tls, ca_file and the database's certificate and ssl settings"
+                ))
+                .encode(),
             other => ClientError::fatal("08006", other.to_string())
                 .with_hint("pgshift could not reach this database; check that it is running and reachable from pgshift")
                 .encode(),
@@ -84,23 +112,35 @@ pub fn configure_socket(stream: &TcpStream, listen: &ListenConfig) {
     }
 }
 
-/// Connects to `color`, sends the client's startup packet and waits for the first message.
+/// How an attempt to reach a backend failed, before it is named by color and address.
+enum Failure {
+    Io(io::Error),
+    Tls(String),
+}
+
+impl From<io::Error> for Failure {
+    fn from(error: io::Error) -> Failure {
+        Failure::Io(error)
+    }
+}
+
+/// Connects to `color` (with TLS when `tls` is given: the color's config from
+/// [`crate::tls::TlsState::backend`]), sends the client's startup packet and waits for the
+/// first message.
 pub async fn connect(
     color: Color,
     backend: &BackendConfig,
     listen: &ListenConfig,
     startup_packet: &[u8],
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<BackendConnection, ConnectError> {
     let address = backend.address();
     let timeout = backend.connect_timeout;
     let attempt = async {
-        let stream = TcpStream::connect(address.as_str()).await?;
-        configure_socket(&stream, listen);
-        let addr = stream.peer_addr()?;
-        let mut stream = stream;
+        let (mut stream, addr) = open_stream(&address, backend, listen, tls).await?;
         stream.write_all(startup_packet).await?;
         let first_bytes = read_first_message(&mut stream).await?;
-        Ok::<_, io::Error>((stream, addr, first_bytes))
+        Ok::<_, Failure>((stream, addr, first_bytes))
     };
     let (stream, addr, first_bytes) = match tokio::time::timeout(timeout, attempt).await {
         Err(_) => {
@@ -110,11 +150,18 @@ pub async fn connect(
                 timeout,
             });
         }
-        Ok(Err(source)) => {
+        Ok(Err(Failure::Io(source))) => {
             return Err(ConnectError::Unreachable {
                 color,
                 address,
                 source,
+            });
+        }
+        Ok(Err(Failure::Tls(reason))) => {
+            return Err(ConnectError::Tls {
+                color,
+                address,
+                reason,
             });
         }
         Ok(Ok(connected)) => connected,
@@ -136,8 +183,100 @@ pub async fn connect(
     })
 }
 
+async fn tcp_connect(address: &str, listen: &ListenConfig) -> io::Result<(TcpStream, SocketAddr)> {
+    let stream = TcpStream::connect(address).await?;
+    configure_socket(&stream, listen);
+    let addr = stream.peer_addr()?;
+    Ok((stream, addr))
+}
+
+/// TCP, then TLS as the color's `tls` says.
+async fn open_stream(
+    address: &str,
+    backend: &BackendConfig,
+    listen: &ListenConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<(BackendStream, SocketAddr), Failure> {
+    let (stream, addr) = tcp_connect(address, listen).await?;
+    let Some(tls) = tls else {
+        return Ok((MaybeTls::Plain(stream), addr));
+    };
+    let prefer = backend.tls == BackendTlsMode::Prefer;
+    match start_tls(stream, &backend.host, tls).await? {
+        Negotiated::Tls(stream) => Ok((MaybeTls::Tls(stream), addr)),
+        Negotiated::Refused(stream) if prefer => {
+            tracing::debug!(
+                backend = address,
+                "the database refused TLS; going on in plaintext (tls = \"prefer\")"
+            );
+            Ok((MaybeTls::Plain(stream), addr))
+        }
+        Negotiated::Refused(_) => Err(Failure::Tls(format!(
+            "the database does not accept TLS (it answered the SSLRequest with N; tls = \"{}\" needs it)",
+            backend.tls
+        ))),
+        Negotiated::Failed(reason) if prefer => {
+            tracing::debug!(backend = address, %reason, "TLS handshake failed; retrying in plaintext (tls = \"prefer\")");
+            let (stream, addr) = tcp_connect(address, listen).await?;
+            Ok((MaybeTls::Plain(stream), addr))
+        }
+        Negotiated::Failed(reason) => Err(Failure::Tls(reason)),
+    }
+}
+
+/// What the SSLRequest and handshake gave.
+enum Negotiated {
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// The server answered `N`: the same connection goes on in plaintext.
+    Refused(TcpStream),
+    Failed(String),
+}
+
+/// Sends an SSLRequest and, on `S`, runs the handshake.
+async fn start_tls(
+    mut stream: TcpStream,
+    host: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<Negotiated, Failure> {
+    stream.write_all(&SSL_REQUEST).await?;
+    let mut answer = [0u8; 1];
+    if stream.read(&mut answer).await? == 0 {
+        return Err(Failure::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the server closed the connection after the SSLRequest",
+        )));
+    }
+    match answer[0] {
+        b'S' => {}
+        b'N' => return Ok(Negotiated::Refused(stream)),
+        b'E' => {
+            return Ok(Negotiated::Failed(
+                "the database answered the SSLRequest with an error (a server without SSLRequest support?)"
+                    .to_string(),
+            ));
+        }
+        other => {
+            return Ok(Negotiated::Failed(format!(
+                "the database answered the SSLRequest with {:?} instead of S or N",
+                other as char
+            )));
+        }
+    }
+    let name = match tls::server_name(host) {
+        Ok(name) => name,
+        Err(reason) => return Ok(Negotiated::Failed(reason)),
+    };
+    match tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+    {
+        Ok(stream) => Ok(Negotiated::Tls(Box::new(stream))),
+        Err(error) => Ok(Negotiated::Failed(format!("TLS handshake: {error}"))),
+    }
+}
+
 /// Reads until one whole message is buffered (more may follow it in the buffer).
-async fn read_first_message(stream: &mut TcpStream) -> io::Result<BytesMut> {
+async fn read_first_message<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<BytesMut> {
     let mut buffer = BytesMut::with_capacity(1024);
     loop {
         if buffer.len() >= 5 {

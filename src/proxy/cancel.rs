@@ -8,20 +8,33 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
 use crate::color::Color;
 
 /// Where a cancel for one session must go.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct CancelTarget {
     pub color: Color,
     pub backend_addr: SocketAddr,
     pub backend_pid: i32,
     pub backend_secret: Bytes,
     pub session_id: u64,
+    /// Bumped for each cancel forwarded, so the session knows its next 57014 was asked for.
+    pub cancels_forwarded: Arc<AtomicU64>,
+}
+
+impl PartialEq for CancelTarget {
+    fn eq(&self, other: &Self) -> bool {
+        self.color == other.color
+            && self.backend_addr == other.backend_addr
+            && self.backend_pid == other.backend_pid
+            && self.backend_secret == other.backend_secret
+            && self.session_id == other.session_id
+    }
 }
 
 /// Proxy key (backend pid, proxy secret) → the real target.
@@ -85,6 +98,7 @@ mod tests {
             backend_pid: pid,
             backend_secret: Bytes::from(vec![1; secret_len]),
             session_id: 1,
+            cancels_forwarded: Arc::default(),
         }
     }
 

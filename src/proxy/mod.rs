@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::routing::{Router, RoutingTable};
 use crate::stats::Stats;
+use crate::tls::TlsState;
 use cancel::CancelTable;
 use registry::{CloseOrder, CloseReason, SessionRegistry};
 
@@ -38,6 +39,8 @@ pub struct Shared {
     pub sessions: SessionRegistry,
     /// Clients holding a `max_clients` slot (routed or being routed).
     pub clients: AtomicUsize,
+    /// The live rustls configs of both hops; `tls.reload(&config)` swaps in re-read files.
+    pub tls: TlsState,
     pub shutting_down: AtomicBool,
 }
 
@@ -62,6 +65,8 @@ pub struct Proxy {
 impl Proxy {
     /// Binds `[listen] addr` and starts serving.
     pub async fn start(config: Config, options: ProxyOptions) -> anyhow::Result<Proxy> {
+        let tls = TlsState::load(&config)
+            .map_err(|errors| anyhow::anyhow!("cannot use the TLS files:\n{errors}"))?;
         let listener = TcpListener::bind(config.listen.addr.as_str())
             .await
             .with_context(|| format!("cannot listen on {} ([listen] addr)", config.listen.addr))?;
@@ -77,6 +82,7 @@ impl Proxy {
             cancels: CancelTable::default(),
             sessions: SessionRegistry::default(),
             clients: AtomicUsize::new(0),
+            tls,
             shutting_down: AtomicBool::new(false),
         });
         let (stop_accepting, stop_rx) = watch::channel(false);

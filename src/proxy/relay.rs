@@ -11,10 +11,24 @@
 //! close orders: `AtIdle` is honoured at the next idle point (CONTRACT.md: status `I`, nothing
 //! forwarded since, no partial message either way — the client's next bytes are not read
 //! while the order waits), `Now` wherever the session is.
+//!
+//! When the backend hop is TLS the relay also watches the login for SCRAM channel binding,
+//! which cannot cross pgshift (a client binds to pgshift's certificate, not the database's). It
+//! reads the backend's Authentication requests during login, and then:
+//! - client hop TLS too: the client's first `p` message after AuthenticationSASL (its
+//!   SASLInitialResponse) is read, and when its GS2 flag is `p` or `y` the session ends with
+//!   FATAL 28000 naming the fixes instead of forwarding it;
+//! - client hop plaintext: `SCRAM-SHA-256-PLUS` is taken out of AuthenticationSASL's mechanism
+//!   list (rewritten in place), because libpq refuses a PLUS offer over a connection that is
+//!   not TLS; the client then logs in with plain SCRAM, as with a plaintext server.
+//!
+//! Those types are inspected during login only.
 
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -30,7 +44,11 @@ use super::requests::{BackendEvent, RequestTracker};
 use crate::color::Color;
 use crate::protocol::framing::{BadLength, Framer, TagSet};
 use crate::protocol::messages::{self, ClientError, TERMINATE};
+use crate::protocol::sasl::{self, ChannelBinding};
 use crate::stats::ColorStats;
+
+/// The SQLSTATE of a cancelled query (or a statement_timeout).
+const QUERY_CANCELED: &[u8; 5] = b"57014";
 
 /// A direction's buffer starts this large and grows, while its reader is behind, up to
 /// [`MAX_BUFFER`].
@@ -42,6 +60,10 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Backend messages the relay reads: errors, ReadyForQuery, the cancel key, COPY starts.
 const BACKEND_INSPECTED: TagSet = TagSet::of(b"EZKGHW");
+/// ... and, while it watches a login for channel binding, Authentication requests.
+const BACKEND_INSPECTED_WATCHING_SASL: TagSet = TagSet::of(b"EZKGHWR");
+/// Client messages read while watching a login for channel binding: SASLInitialResponse.
+const CLIENT_INSPECTED_WATCHING_SASL: TagSet = TagSet::of(b"p");
 
 /// Bytes read but not yet written, in one flat, reusable vector.
 #[derive(Debug)]
@@ -118,6 +140,10 @@ impl IoBuffer {
 struct Flow {
     buffer: IoBuffer,
     framer: Framer,
+    /// Bytes were written since the sink last finished a flush. A TLS stream may accept bytes
+    /// and keep part of their records queued when its socket is full; they go out only on a
+    /// later write or flush, so the flush is retried until it completes.
+    unflushed: bool,
 }
 
 impl Flow {
@@ -125,6 +151,7 @@ impl Flow {
         Flow {
             buffer: IoBuffer::new(),
             framer: Framer::new(inspected, max_message_size),
+            unflushed: false,
         }
     }
 
@@ -141,6 +168,11 @@ impl Flow {
     ) -> Poll<io::Result<bool>> {
         let released = self.framer.released();
         if released == 0 {
+            if self.unflushed {
+                // A no-op for TCP; TLS streams need it to push their last records out.
+                ready!(Pin::new(&mut *sink).poll_flush(cx))?;
+                self.unflushed = false;
+            }
             return Poll::Ready(Ok(false));
         }
         let written =
@@ -150,9 +182,12 @@ impl Flow {
         }
         self.buffer.consume(written);
         self.framer.consumed(written);
-        if self.buffer.is_empty() {
-            // A no-op for TCP; TLS streams need it to push their last record out.
-            let _ = Pin::new(&mut *sink).poll_flush(cx)?;
+        self.unflushed = true;
+        if self.buffer.is_empty()
+            && let Poll::Ready(flushed) = Pin::new(&mut *sink).poll_flush(cx)
+        {
+            flushed?;
+            self.unflushed = false;
         }
         Poll::Ready(Ok(true))
     }
@@ -183,7 +218,9 @@ impl Flow {
             if let Some(extra) = extra {
                 sink.write_all(extra).await?;
             }
-            sink.flush().await
+            sink.flush().await?;
+            self.unflushed = false;
+            Ok::<_, io::Error>(())
         };
         let _ = tokio::time::timeout(FAREWELL_TIMEOUT, farewell).await;
     }
@@ -200,13 +237,17 @@ enum RelayEvent {
     BackendFailed(io::Error),
     ClientViolation(BadLength),
     BackendViolation(BadLength),
+    /// The client's SCRAM asked for channel binding while both hops are TLS.
+    ChannelBindingAcrossTls(ChannelBinding),
 }
 
 /// How and why a session ended, for its log line.
 #[derive(Debug)]
 pub enum SessionEnd {
     ClientClosed,
-    BackendClosed { fatal_from_backend: bool },
+    BackendClosed {
+        fatal_from_backend: bool,
+    },
     ClosedAtIdlePoint(CloseReason),
     ClosedAtDeadline(CloseReason),
     LoginTimeout,
@@ -214,6 +255,8 @@ pub enum SessionEnd {
     BackendError(io::Error),
     ClientProtocolViolation(BadLength),
     BackendProtocolViolation(BadLength),
+    /// Refused with 28000: SCRAM channel binding cannot cross pgshift's two TLS hops.
+    ChannelBindingRefused,
 }
 
 impl std::fmt::Display for SessionEnd {
@@ -245,6 +288,10 @@ impl std::fmt::Display for SessionEnd {
             SessionEnd::BackendProtocolViolation(error) => {
                 write!(f, "backend protocol violation: {error}")
             }
+            SessionEnd::ChannelBindingRefused => write!(
+                f,
+                "refused: the client's SCRAM asked for channel binding, which cannot cross two TLS hops"
+            ),
         }
     }
 }
@@ -255,6 +302,24 @@ pub struct SessionIdentity<'a> {
     pub session_id: u64,
     pub color: Color,
     pub backend_addr: std::net::SocketAddr,
+}
+
+/// Which hops of a session are TLS; they decide what the login watch does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TlsHops {
+    pub client: bool,
+    pub backend: bool,
+}
+
+/// Where the watch for SCRAM channel binding stands (backend hop TLS only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SaslWatch {
+    /// Not watching: a hop is plaintext, or the first SASL message was read, or login is over.
+    Off,
+    /// Waiting for the backend's AuthenticationSASL.
+    AwaitingSaslRequest,
+    /// AuthenticationSASL was relayed: the client's next `p` is its SASLInitialResponse.
+    AwaitingInitialResponse,
 }
 
 /// One session's relay between `client` and `backend`.
@@ -269,10 +334,21 @@ pub struct Relay<'a, C, B> {
     close_at_idle: Option<CloseReason>,
     /// The key handed to the client in place of the backend's, while registered.
     cancel_key: Option<(i32, Bytes)>,
+    /// Cancels pgshift forwarded for this session (bumped by the cancel path), and how many
+    /// of them a 57014 has already answered: a query the client itself cancelled is not an
+    /// error of the backend's.
+    cancels_forwarded: Arc<AtomicU64>,
+    cancels_answered: u64,
     logged_in_reported: bool,
     backend_sent_fatal: bool,
     /// The client sent Terminate: the backend closing next is the expected end, not a loss.
     client_terminated: bool,
+    sasl_watch: SaslWatch,
+    /// The client hop is plaintext: AuthenticationSASL loses `SCRAM-SHA-256-PLUS`.
+    hide_plus: bool,
+    /// The client's SASLInitialResponse asked for channel binding across two TLS hops: it is
+    /// not forwarded, and the session ends with 28000.
+    channel_binding_refused: Option<ChannelBinding>,
     pub requests_completed: u64,
 }
 
@@ -281,7 +357,9 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    /// A relay whose buffers already hold what was read during connection setup.
+    /// A relay whose buffers already hold what was read during connection setup. `hops`
+    /// says which connections are TLS: with a TLS backend the login is watched for SCRAM
+    /// channel binding.
     pub fn new(
         identity: SessionIdentity<'a>,
         client: C,
@@ -289,21 +367,42 @@ where
         client_bytes: &[u8],
         backend_bytes: &[u8],
         max_message_size: usize,
+        hops: TlsHops,
     ) -> Result<Relay<'a, C, B>, SessionEnd> {
         let stats = identity.shared.stats.color(identity.color);
+        let (sasl_watch, client_inspected, backend_inspected) = match hops {
+            TlsHops { backend: false, .. } => {
+                (SaslWatch::Off, TagSet::default(), BACKEND_INSPECTED)
+            }
+            TlsHops { client: true, .. } => (
+                SaslWatch::AwaitingSaslRequest,
+                CLIENT_INSPECTED_WATCHING_SASL,
+                BACKEND_INSPECTED_WATCHING_SASL,
+            ),
+            TlsHops { client: false, .. } => (
+                SaslWatch::AwaitingSaslRequest,
+                TagSet::default(),
+                BACKEND_INSPECTED_WATCHING_SASL,
+            ),
+        };
         let mut relay = Relay {
             identity,
             stats,
             client,
             backend,
-            to_backend: Flow::new(TagSet::default(), max_message_size),
-            to_client: Flow::new(BACKEND_INSPECTED, max_message_size),
+            to_backend: Flow::new(client_inspected, max_message_size),
+            to_client: Flow::new(backend_inspected, max_message_size),
             requests: RequestTracker::new(),
             close_at_idle: None,
             cancel_key: None,
+            cancels_forwarded: Arc::new(AtomicU64::new(0)),
+            cancels_answered: 0,
             logged_in_reported: false,
             backend_sent_fatal: false,
             client_terminated: false,
+            sasl_watch,
+            hide_plus: hops.backend && !hops.client,
+            channel_binding_refused: None,
             requests_completed: 0,
         };
         let now = Instant::now();
@@ -397,6 +496,10 @@ where
                     self.backend_lost(None).await;
                     return SessionEnd::BackendProtocolViolation(error);
                 }
+                RelayEvent::ChannelBindingAcrossTls(flag) => {
+                    self.refuse_channel_binding(&flag).await;
+                    return SessionEnd::ChannelBindingRefused;
+                }
             }
         }
     }
@@ -414,6 +517,11 @@ where
     fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<RelayEvent> {
         loop {
             let mut progress = false;
+            // Checked before anything is sent: the refused SASLInitialResponse is released in
+            // the buffer but must never reach the backend.
+            if let Some(flag) = self.channel_binding_refused.take() {
+                return Poll::Ready(RelayEvent::ChannelBindingAcrossTls(flag));
+            }
             match self.to_backend.poll_send(&mut self.backend, cx) {
                 Poll::Ready(Ok(moved)) => progress |= moved,
                 Poll::Ready(Err(error)) => return Poll::Ready(RelayEvent::BackendFailed(error)),
@@ -461,14 +569,40 @@ where
         }
     }
 
-    /// Walks the new client bytes: request starts and ends.
+    /// Walks the new client bytes: request starts and ends (and, while watching the login, the
+    /// SASLInitialResponse).
     fn scan_client(&mut self, now: Instant) -> Result<(), BadLength> {
-        let flow = &mut self.to_backend;
-        while let Some(frame) = flow.framer.next_frame(flow.buffer.pending())? {
+        loop {
+            let flow = &mut self.to_backend;
+            let Some(frame) = flow.framer.next_frame(flow.buffer.pending())? else {
+                return Ok(());
+            };
+            if frame.tag == b'p' && self.sasl_watch == SaslWatch::AwaitingInitialResponse {
+                let start = flow.buffer.start;
+                let flag = frame
+                    .body
+                    .map(|range| &flow.buffer.data[start + range.start..start + range.end])
+                    .and_then(|body| sasl::parse_sasl_initial_response(body).ok())
+                    .and_then(|response| response.channel_binding);
+                self.stop_watching_sasl();
+                if let Some(flag) = flag.filter(ChannelBinding::fails_across_a_relay) {
+                    self.channel_binding_refused = Some(flag);
+                    // Nothing after it matters: the session ends before anything is sent.
+                    return Ok(());
+                }
+            }
             self.client_terminated |= frame.tag == b'X';
             self.requests.on_client_message(frame.tag, now.into_std());
         }
-        Ok(())
+    }
+
+    /// Back to the usual inspected types once the login can no longer carry channel binding.
+    fn stop_watching_sasl(&mut self) {
+        if self.sasl_watch != SaslWatch::Off {
+            self.sasl_watch = SaslWatch::Off;
+            self.to_backend.framer.set_inspected(TagSet::default());
+            self.to_client.framer.set_inspected(BACKEND_INSPECTED);
+        }
     }
 
     /// Walks the new backend bytes: errors, ReadyForQuery, the cancel key, COPY.
@@ -488,6 +622,20 @@ where
                 self.replace_cancel_key(range);
                 continue;
             }
+            if frame.tag == b'R' && self.sasl_watch == SaslWatch::AwaitingSaslRequest {
+                if let Some(range) = body.clone()
+                    && sasl::authentication_code(&self.to_client.buffer.data[range.clone()])
+                        == Some(sasl::AUTH_SASL)
+                {
+                    if self.hide_plus {
+                        self.hide_channel_binding(range);
+                        self.stop_watching_sasl();
+                    } else {
+                        self.sasl_watch = SaslWatch::AwaitingInitialResponse;
+                    }
+                }
+                continue;
+            }
             let body_bytes = body.map(|range| &self.to_client.buffer.data[range]);
             if frame.tag == b'E' && body_bytes.is_some_and(messages::error_is_fatal) {
                 self.backend_sent_fatal = true;
@@ -496,11 +644,15 @@ where
                 .requests
                 .on_backend_message(frame.tag, body_bytes, now.into_std())
             {
-                BackendEvent::Nothing | BackendEvent::LoggedIn => {}
+                BackendEvent::Nothing => {}
+                BackendEvent::LoggedIn => self.stop_watching_sasl(),
                 BackendEvent::LoginError(_) => self.stats.connect_failed(),
                 BackendEvent::Completed(done) => {
                     self.requests_completed += 1;
-                    self.stats.record_request(done.latency, done.error);
+                    let error = done
+                        .error
+                        .filter(|sqlstate| !self.cancelled_by_client(sqlstate));
+                    self.stats.record_request(done.latency, error);
                     if self.to_backend.buffer.is_empty() {
                         self.to_backend.buffer.shrink_if_idle();
                     }
@@ -509,7 +661,41 @@ where
         }
     }
 
+    /// Takes `SCRAM-SHA-256-PLUS` out of the AuthenticationSASL whose body is at `body` (whole
+    /// and released, nothing after it framed yet): the message shrinks in place and the bytes
+    /// after it move up.
+    fn hide_channel_binding(&mut self, body: std::ops::Range<usize>) {
+        let flow = &mut self.to_client;
+        let Some(new_body) =
+            sasl::without_mechanism(&flow.buffer.data[body.clone()], sasl::SCRAM_SHA_256_PLUS)
+        else {
+            return;
+        };
+        let removed = body.len() - new_body.len();
+        let data = &mut flow.buffer.data;
+        let length = (new_body.len() + 4) as u32;
+        data[body.start - 4..body.start].copy_from_slice(&length.to_be_bytes());
+        data[body.start..body.start + new_body.len()].copy_from_slice(&new_body);
+        data.copy_within(body.end..flow.buffer.end, body.end - removed);
+        flow.buffer.end -= removed;
+        // The released bytes end `removed` bytes earlier, as if that many had been sent.
+        flow.framer.consumed(removed);
+    }
+
     /// Swaps the backend's cancel secret for a proxy-issued one of the same length, in place.
+    /// A 57014 that answers a cancel pgshift forwarded for this session.
+    fn cancelled_by_client(&mut self, sqlstate: &[u8; 5]) -> bool {
+        if sqlstate != QUERY_CANCELED {
+            return false;
+        }
+        let forwarded = self.cancels_forwarded.load(Ordering::Relaxed);
+        if forwarded > self.cancels_answered {
+            self.cancels_answered = forwarded;
+            return true;
+        }
+        false
+    }
+
     fn replace_cancel_key(&mut self, body: std::ops::Range<usize>) {
         let Some((pid, backend_secret)) =
             messages::backend_key(&self.to_client.buffer.data[body.clone()])
@@ -520,6 +706,7 @@ where
             self.identity.shared.cancels.remove(old_pid, &old_secret);
         }
         let proxy_secret = self.identity.shared.cancels.register(CancelTarget {
+            cancels_forwarded: self.cancels_forwarded.clone(),
             color: self.identity.color,
             backend_addr: self.identity.backend_addr,
             backend_pid: pid,
@@ -528,6 +715,46 @@ where
         });
         self.to_client.buffer.data[body.start + 4..body.end].copy_from_slice(&proxy_secret);
         self.cancel_key = Some((pid, proxy_secret));
+    }
+
+    /// Ends a login whose SCRAM asked for channel binding across two TLS hops: the client gets
+    /// 28000 naming the fixes; its SASLInitialResponse is dropped and the backend connection
+    /// closed without it.
+    async fn refuse_channel_binding(&mut self, flag: &ChannelBinding) {
+        let color = self.identity.color;
+        let why = match flag {
+            ChannelBinding::Required(name) => format!(
+                "the client binds its SCRAM login to pgshift's TLS certificate (channel binding {name}), which the {color} database cannot verify"
+            ),
+            _ => format!(
+                "the client supports channel binding and says so (SCRAM flag \"y\"), which the {color} database must refuse because it offers channel binding over its own TLS connection"
+            ),
+        };
+        let error = ClientError::fatal(
+            "28000",
+            format!(
+                "pgshift cannot relay SCRAM channel binding: both the client connection and the {color} database connection use TLS"
+            ),
+        )
+        .with_detail(format!(
+            "pgshift relays authentication unchanged, and {why}."
+        ))
+        .with_hint(format!(
+            "Connect with channel_binding=disable; or use plaintext on one of the two hops (the client's sslmode, or [{color}] tls = \"disable\"); or let pgshift log clients in itself once auth termination ([auth] mode = \"scram\") is available."
+        ));
+        metrics::counter!("pgshift_clients_rejected_total", "reason" => "channel_binding")
+            .increment(1);
+        tracing::info!(
+            session = self.identity.session_id,
+            %color,
+            "SCRAM channel binding across two TLS hops refused (28000)"
+        );
+        let encoded = error.encode();
+        let extra = self.to_client.framer.at_boundary().then_some(&encoded[..]);
+        self.to_client.flush_then(&mut self.client, extra).await;
+        let _ = self.client.shutdown().await;
+        self.requests.abandon();
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, self.backend.shutdown()).await;
     }
 
     /// Sends the client what is released, then `error` if the stream is at a boundary, and
@@ -582,5 +809,78 @@ where
         for _ in 0..self.requests.abandon() {
             self.stats.record_request(None, Some(*b"08006"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sink like a TLS stream over a full socket: it takes the bytes, but keeps part of them
+    /// queued until a flush, and its first flush cannot finish.
+    #[derive(Default)]
+    struct QueueingSink {
+        taken: Vec<u8>,
+        flush_attempts: usize,
+        flushed: bool,
+    }
+
+    impl AsyncWrite for QueueingSink {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let sink = self.get_mut();
+            sink.taken.extend_from_slice(buf);
+            sink.flushed = false;
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let sink = self.get_mut();
+            sink.flush_attempts += 1;
+            if sink.flush_attempts == 1 {
+                // The socket is full: the waker fires once it drains.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            sink.flushed = true;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_flush_left_pending_is_retried_after_the_buffer_emptied() {
+        let mut flow = Flow::new(TagSet::default(), 1 << 20);
+        flow.buffer.extend(&[b'Z', 0, 0, 0, 5, b'I']);
+        while let Ok(Some(_)) = flow.framer.next_frame(flow.buffer.pending()) {}
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut sink = QueueingSink::default();
+        assert!(matches!(
+            flow.poll_send(&mut sink, &mut cx),
+            Poll::Ready(Ok(true))
+        ));
+        assert!(flow.buffer.is_empty());
+        assert!(!sink.flushed, "the first flush could not finish");
+        // Woken once the socket drains: nothing is left to write, but the flush is retried so
+        // the queued records go out.
+        assert!(matches!(
+            flow.poll_send(&mut sink, &mut cx),
+            Poll::Ready(Ok(false))
+        ));
+        assert!(sink.flushed);
+        assert_eq!(sink.taken, [b'Z', 0, 0, 0, 5, b'I']);
+        // And not again while nothing new was written.
+        assert!(matches!(
+            flow.poll_send(&mut sink, &mut cx),
+            Poll::Ready(Ok(false))
+        ));
+        assert_eq!(sink.flush_attempts, 2);
     }
 }

@@ -1,9 +1,16 @@
-//! One client connection from accept to close: the first packet, routing, the backend
+//! One client connection from accept to close: the first packet, TLS, routing, the backend
 //! connection, the relay, and the session's log line.
 //!
 //! Before the StartupMessage has been read nothing is ever sent but the one-byte answers to
 //! SSLRequest / GSSENCRequest (clients ignore errors there); after it, every refusal is an
 //! ErrorResponse with the contract's SQLSTATE.
+//!
+//! With client TLS on (`[listen] tls_cert`, `tls_mode` not `disable`) an SSLRequest is answered
+//! `S` and a rustls handshake follows; the first packets are then read again over TLS. A
+//! connection whose first byte opens a TLS record (0x16) is Postgres 17's direct TLS: the
+//! handshake runs at once and must negotiate ALPN `postgresql`. Under `tls_mode = "require"` a
+//! plaintext StartupMessage gets 28000, while a plaintext CancelRequest is still honoured (libpq
+//! sends its cancels without TLS).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,40 +18,67 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Shared;
 use super::backend::{self, BackendConnection, ConnectError, configure_socket};
 use super::registry::{CloseOrder, CloseReason};
-use super::relay::{Relay, SessionEnd, SessionIdentity};
+use super::relay::{Relay, SessionEnd, SessionIdentity, TlsHops};
 use crate::color::Color;
-use crate::config::Config;
+use crate::config::{Config, TlsMode};
 use crate::protocol::messages::{ClientError, cancel_request};
 use crate::protocol::startup::{
     FirstPacket, StartupError, StartupMessage, first_packet_length, parse_first_packet,
 };
 use crate::routing::Route;
+use crate::tls::{ALPN_POSTGRESQL, ClientStream, MaybeTls, TLS_HANDSHAKE_RECORD};
 
 /// What the first-packet phase produced.
 enum Opening {
-    Startup(StartupMessage, BytesMut),
-    /// The connection is done (a cancel was handled, or the client left before starting).
+    Startup {
+        client: ClientStream,
+        startup: StartupMessage,
+        leftover: BytesMut,
+    },
+    /// The client is refused with `error`; `counted` names the refusal in
+    /// `pgshift_clients_rejected_total` when it is one.
+    Refused {
+        client: ClientStream,
+        error: ClientError,
+        counted: Option<&'static str>,
+    },
+    /// The connection is done (a cancel was handled, the client left before starting, or its
+    /// TLS handshake failed).
     Done,
 }
 
 /// Serves one accepted client connection to its end.
-pub async fn serve_client(shared: Arc<Shared>, mut client: TcpStream, peer: SocketAddr) {
+pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let config = shared.config.load_full();
-    configure_socket(&client, &config.listen);
+    configure_socket(&tcp, &config.listen);
     let login_deadline = Instant::now() + config.listen.login_timeout;
-    let opening = tokio::time::timeout_at(login_deadline, open(&shared, &mut client)).await;
-    let (startup, leftover) = match opening {
-        Ok(Ok(Opening::Startup(startup, leftover))) => (startup, leftover),
-        Ok(Ok(Opening::Done)) | Err(_) => return,
-        Ok(Err(refusal)) => {
-            send_and_close(&mut client, &refusal.encode()).await;
+    let opening = tokio::time::timeout_at(login_deadline, open(&shared, &config, tcp, peer)).await;
+    let (mut client, startup, leftover) = match opening {
+        Ok(Opening::Startup {
+            client,
+            startup,
+            leftover,
+        }) => (client, startup, leftover),
+        Ok(Opening::Done) | Err(_) => return,
+        Ok(Opening::Refused {
+            mut client,
+            error,
+            counted: Some(reason),
+        }) => {
+            refuse(&shared, &mut client, reason, error).await;
+            return;
+        }
+        Ok(Opening::Refused {
+            mut client, error, ..
+        }) => {
+            send_and_close(&mut client, &error.encode()).await;
             return;
         }
     };
@@ -116,6 +150,12 @@ pub async fn serve_client(shared: Arc<Shared>, mut client: TcpStream, peer: Sock
         color,
         backend_addr: backend.addr,
     };
+    // SCRAM channel binding cannot cross pgshift: with a TLS backend the relay watches the
+    // login for it.
+    let hops = TlsHops {
+        client: client.is_tls(),
+        backend: backend.stream.is_tls(),
+    };
     let (end, requests) = match Relay::new(
         identity,
         client,
@@ -123,6 +163,7 @@ pub async fn serve_client(shared: Arc<Shared>, mut client: TcpStream, peer: Sock
         &leftover,
         &backend.first_bytes,
         config.listen.max_message_size,
+        hops,
     ) {
         Ok(mut relay) => {
             let end = relay.run(&mut ticket.orders, login_deadline).await;
@@ -150,36 +191,134 @@ pub async fn serve_client(shared: Arc<Shared>, mut client: TcpStream, peer: Sock
     }
 }
 
-/// Reads first packets until a StartupMessage (answering SSL/GSS requests on the way) or a
-/// CancelRequest. `Err` is the error to send the client.
-async fn open(shared: &Shared, client: &mut TcpStream) -> Result<Opening, ClientError> {
+/// Reads first packets until a StartupMessage or a CancelRequest, answering SSLRequest and
+/// GSSENCRequest on the way and running the TLS handshake when TLS is on.
+async fn open(shared: &Shared, config: &Config, mut tcp: TcpStream, peer: SocketAddr) -> Opening {
+    let tls = shared.tls.listen();
     let mut buffer = BytesMut::with_capacity(1024);
-    // As in Postgres, a client may ask for each kind of encryption once (libpq tries GSS
-    // first, then SSL, when its gssencmode allows).
-    let mut asked_ssl = false;
-    let mut asked_gss = false;
+    let mut asked = Asked::default();
+    let direct = match &tls {
+        Some(_) => {
+            let mut first = [0u8; 1];
+            match tcp.peek(&mut first).await {
+                Ok(0) | Err(_) => return Opening::Done,
+                Ok(_) => first[0] == TLS_HANDSHAKE_RECORD,
+            }
+        }
+        None => false,
+    };
+    if !direct {
+        let step = negotiate(shared, &mut tcp, &mut buffer, &mut asked, tls.is_some()).await;
+        match step {
+            Ok(Step::Startup(_)) if config.listen.tls_mode == TlsMode::Require => {
+                return Opening::Refused {
+                    client: MaybeTls::Plain(tcp),
+                    error: ClientError::fatal("28000", "TLS required").with_hint(
+                        "pgshift accepts only TLS connections ([listen] tls_mode = \"require\"): connect with sslmode=require or stricter",
+                    ),
+                    counted: Some("tls_required"),
+                };
+            }
+            Ok(Step::Startup(startup)) => {
+                return Opening::Startup {
+                    client: MaybeTls::Plain(tcp),
+                    startup,
+                    leftover: buffer,
+                };
+            }
+            Ok(Step::Done) => return Opening::Done,
+            Ok(Step::StartTls) => {}
+            Err(error) => {
+                return Opening::Refused {
+                    client: MaybeTls::Plain(tcp),
+                    error,
+                    counted: None,
+                };
+            }
+        }
+    }
+    let Some(tls) = tls else {
+        return Opening::Done;
+    };
+    let mut stream = match tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::debug!(client = %peer, direct, %error, "TLS handshake with a client failed");
+            return Opening::Done;
+        }
+    };
+    if direct && stream.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
+        // As Postgres 17: direct TLS without ALPN "postgresql" could be another protocol's
+        // client; nothing is said to it.
+        tracing::debug!(client = %peer, "direct TLS connection without ALPN \"postgresql\" closed");
+        return Opening::Done;
+    }
+    // Over TLS a client may not ask for encryption again.
+    asked.ssl = true;
+    let step = negotiate(shared, &mut stream, &mut buffer, &mut asked, false).await;
+    let client = MaybeTls::Tls(Box::new(stream));
+    match step {
+        Ok(Step::Startup(startup)) => Opening::Startup {
+            client,
+            startup,
+            leftover: buffer,
+        },
+        Ok(Step::Done | Step::StartTls) => Opening::Done,
+        Err(error) => Opening::Refused {
+            client,
+            error,
+            counted: None,
+        },
+    }
+}
+
+/// Which encryptions the client asked for so far (each may be asked for once, as in Postgres:
+/// libpq tries GSS first, then SSL, when its gssencmode allows).
+#[derive(Debug, Default)]
+struct Asked {
+    ssl: bool,
+    gss: bool,
+}
+
+/// Where the first-packet exchange on one stream ended.
+enum Step {
+    Startup(StartupMessage),
+    /// SSLRequest answered `S`: the TLS handshake comes next.
+    StartTls,
+    /// A cancel was handled, or the client left.
+    Done,
+}
+
+/// Reads first packets on `client` until a StartupMessage, a CancelRequest or an SSLRequest
+/// answered `S` (only when `offer_tls`). `Err` is the error to send the client.
+async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    client: &mut S,
+    buffer: &mut BytesMut,
+    asked: &mut Asked,
+    offer_tls: bool,
+) -> Result<Step, ClientError> {
     loop {
-        let packet = match read_first_packet(client, &mut buffer).await {
+        let packet = match read_first_packet(client, buffer).await {
             Ok(Some(packet)) => packet,
-            Ok(None) => return Ok(Opening::Done),
+            Ok(None) => return Ok(Step::Done),
             Err(error) => return Err(ClientError::fatal(error.sqlstate(), error.to_string())),
         };
         match parse_first_packet(packet) {
             Err(error) => return Err(ClientError::fatal(error.sqlstate(), error.to_string())),
             Ok(request @ (FirstPacket::SslRequest | FirstPacket::GssEncRequest)) => {
-                let asked = if request == FirstPacket::SslRequest {
-                    &mut asked_ssl
-                } else {
-                    &mut asked_gss
-                };
-                if std::mem::replace(asked, true) {
+                let ssl = request == FirstPacket::SslRequest;
+                let flag = if ssl { &mut asked.ssl } else { &mut asked.gss };
+                if std::mem::replace(flag, true) {
                     return Err(ClientError::fatal(
                         "08P01",
                         "invalid startup packet: the same encryption was requested twice",
                     ));
                 }
-                if client.write_all(b"N").await.is_err() {
-                    return Ok(Opening::Done);
+                let start_tls = ssl && offer_tls;
+                let answer: &[u8] = if start_tls { b"S" } else { b"N" };
+                if client.write_all(answer).await.is_err() || client.flush().await.is_err() {
+                    return Ok(Step::Done);
                 }
                 if !buffer.is_empty() {
                     // Bytes sent before the answer could not have been meant for a TLS stream:
@@ -187,19 +326,22 @@ async fn open(shared: &Shared, client: &mut TcpStream) -> Result<Opening, Client
                     return Err(ClientError::fatal("08P01", "received unencrypted data after SSL request")
                         .with_detail("This could be either a client-software bug or evidence of an attempted man-in-the-middle attack."));
                 }
+                if start_tls {
+                    return Ok(Step::StartTls);
+                }
             }
             Ok(FirstPacket::Cancel { pid, secret }) => {
                 forward_cancel(shared, pid, secret).await;
-                return Ok(Opening::Done);
+                return Ok(Step::Done);
             }
-            Ok(FirstPacket::Startup(startup)) => return Ok(Opening::Startup(startup, buffer)),
+            Ok(FirstPacket::Startup(startup)) => return Ok(Step::Startup(startup)),
         }
     }
 }
 
 /// Reads one length-prefixed first packet; `Ok(None)` when the client left first.
-async fn read_first_packet(
-    client: &mut TcpStream,
+async fn read_first_packet<S: AsyncRead + Unpin>(
+    client: &mut S,
     buffer: &mut BytesMut,
 ) -> Result<Option<Bytes>, StartupError> {
     let mut needed = 4;
@@ -227,12 +369,13 @@ async fn read_first_packet(
 async fn forward_cancel(shared: &Shared, pid: i32, secret: Bytes) {
     let Some(target) = shared.cancels.lookup(pid, &secret) else {
         shared.stats.cancel_unknown.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("pgshift_cancel_requests_total", "result" => "unknown").increment(1);
         tracing::debug!(pid, "cancel request with an unknown key dropped");
         return;
     };
     let timeout = shared.config.load().backend(target.color).connect_timeout;
     let packet = cancel_request(target.backend_pid, &target.backend_secret);
+    // Counted before it is sent: the 57014 it causes may race the cancel connection's close.
+    target.cancels_forwarded.fetch_add(1, Ordering::Relaxed);
     let sent = tokio::time::timeout(timeout, async {
         let mut stream = TcpStream::connect(target.backend_addr).await?;
         stream.write_all(&packet).await?;
@@ -256,7 +399,6 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: Bytes) {
             "failed"
         }
     };
-    metrics::counter!("pgshift_cancel_requests_total", "result" => result).increment(1);
     tracing::debug!(session = target.session_id, color = %target.color, result, "cancel request");
 }
 
@@ -277,7 +419,6 @@ async fn connect_routed(
         {
             tracing::warn!("{error}; falling back to blue (fallback_on_connect_error)");
             shared.stats.color(Color::Green).fell_back();
-            metrics::counter!("pgshift_fallbacks_total").increment(1);
             connect_counted(shared, config, Color::Blue, startup_packet).await
         }
         other => other,
@@ -292,18 +433,27 @@ async fn connect_counted(
 ) -> Result<BackendConnection, ConnectError> {
     let stats = shared.stats.color(color);
     stats.connect_attempted();
-    let result =
-        backend::connect(color, config.backend(color), &config.listen, startup_packet).await;
+    let result = backend::connect(
+        color,
+        config.backend(color),
+        &config.listen,
+        startup_packet,
+        shared.tls.backend(color),
+    )
+    .await;
     if result.is_err() {
         stats.connect_failed();
-        metrics::counter!("pgshift_backend_connect_errors_total", "color" => color.as_str())
-            .increment(1);
     }
     result
 }
 
 /// Counts a refused client, sends it the error and closes.
-async fn refuse(shared: &Shared, client: &mut TcpStream, reason: &'static str, error: ClientError) {
+async fn refuse<S: AsyncWrite + Unpin>(
+    shared: &Shared,
+    client: &mut S,
+    reason: &'static str,
+    error: ClientError,
+) {
     let _ = shared;
     metrics::counter!("pgshift_clients_rejected_total", "reason" => reason).increment(1);
     tracing::info!(
@@ -315,7 +465,7 @@ async fn refuse(shared: &Shared, client: &mut TcpStream, reason: &'static str, e
     send_and_close(client, &error.encode()).await;
 }
 
-async fn send_and_close(client: &mut TcpStream, bytes: &[u8]) {
+async fn send_and_close<S: AsyncWrite + Unpin>(client: &mut S, bytes: &[u8]) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         client.write_all(bytes).await?;
         client.shutdown().await

@@ -30,6 +30,9 @@ host = "127.0.0.1"
 port = {green}
 connect_timeout = "2s"
 
+[metrics]
+addr = ""
+
 [routing]
 {routing}
 "#,
