@@ -32,6 +32,7 @@ const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9930";
 const DEFAULT_ADMIN_SOCKET: &str = "./pgshift.sock";
 const DEFAULT_STATE_FILE: &str = "./pgshift-state.json";
 const DEFAULT_DECISION_LOG: &str = "./pgshift-decisions.jsonl";
+const DEFAULT_AUTH_SECRET_FILE: &str = "./pgshift-auth.secret";
 const DEFAULT_ROLLOUT_STEPS_BP: [u16; 6] = [500, 1000, 2500, 5000, 7500, 10000];
 /// Smallest accepted `listen.max_message_size`.
 pub const MIN_MESSAGE_SIZE: usize = 1024;
@@ -263,6 +264,8 @@ pub struct ListenConfig {
     /// `host:port` as written.
     pub addr: String,
     pub max_clients: usize,
+    /// Sessions one client IP address may hold at once; 0 = no limit (`proxy::limits`).
+    pub max_clients_per_addr: usize,
     pub login_timeout: Duration,
     pub shutdown_timeout: Duration,
     pub tcp_keepalives_idle: Duration,
@@ -285,6 +288,7 @@ impl Default for ListenConfig {
         ListenConfig {
             addr: DEFAULT_LISTEN_ADDR.to_string(),
             max_clients: 10_000,
+            max_clients_per_addr: 0,
             login_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             tcp_keepalives_idle: Duration::from_secs(60),
@@ -516,6 +520,9 @@ pub struct AuthConfig {
     /// Zero disables the backoff.
     pub failure_backoff: Duration,
     pub allow_md5: bool,
+    /// The per-install secret mock SCRAM salts derive from (created at start when missing);
+    /// `None` (written `secret_file = ""`): a random secret per process.
+    pub secret_file: Option<PathBuf>,
 }
 
 impl Default for AuthConfig {
@@ -528,6 +535,7 @@ impl Default for AuthConfig {
             cache_ttl: Duration::from_secs(60),
             failure_backoff: Duration::from_secs(1),
             allow_md5: false,
+            secret_file: Some(PathBuf::from(DEFAULT_AUTH_SECRET_FILE)),
         }
     }
 }
@@ -749,8 +757,12 @@ impl Config {
             ),
             _ => tls,
         };
+        let per_addr = match listen.max_clients_per_addr {
+            0 => String::new(),
+            limit => format!(", {limit} per client address"),
+        };
         lines.push(format!(
-            "[listen] clients connect to {} (up to {} at once, login within {}, {tls})",
+            "[listen] clients connect to {} (up to {} at once{per_addr}, login within {}, {tls})",
             listen.addr,
             listen.max_clients,
             format_duration(listen.login_timeout),
@@ -1078,6 +1090,9 @@ fn read_listen(mut section: TableReader<'_>, base_dir: &Path) -> ListenConfig {
     let max_clients = section
         .integer_at_least("max_clients", 1)
         .unwrap_or(defaults.max_clients);
+    let max_clients_per_addr = section
+        .integer_at_least("max_clients_per_addr", 0)
+        .unwrap_or(defaults.max_clients_per_addr);
     let login_timeout = section
         .positive_duration("login_timeout")
         .unwrap_or(defaults.login_timeout);
@@ -1132,6 +1147,7 @@ fn read_listen(mut section: TableReader<'_>, base_dir: &Path) -> ListenConfig {
     ListenConfig {
         addr,
         max_clients,
+        max_clients_per_addr,
         login_timeout,
         shutdown_timeout,
         tcp_keepalives_idle,
@@ -1557,6 +1573,11 @@ fn read_auth(mut section: TableReader<'_>, base_dir: &Path) -> AuthConfig {
     let defaults = AuthConfig::default();
     let mode = section.choice("mode").unwrap_or(defaults.mode);
     let auth_dsn = section.string("auth_dsn");
+    if let Some(dsn) = &auth_dsn
+        && let Err(error) = crate::auth::dsn::parse(dsn)
+    {
+        section.report("auth_dsn", error);
+    }
     let auth_query = section
         .string("auth_query")
         .map_or(defaults.auth_query, |query| {
@@ -1571,6 +1592,7 @@ fn read_auth(mut section: TableReader<'_>, base_dir: &Path) -> AuthConfig {
         .duration("failure_backoff")
         .unwrap_or(defaults.failure_backoff);
     let allow_md5 = section.boolean("allow_md5").unwrap_or(defaults.allow_md5);
+    let secret_file = section.path_or_disabled("secret_file", base_dir, DEFAULT_AUTH_SECRET_FILE);
     if mode == AuthMode::Scram
         && !section.known_and_written("auth_dsn")
         && !section.known_and_written("userlist")
@@ -1590,6 +1612,7 @@ fn read_auth(mut section: TableReader<'_>, base_dir: &Path) -> AuthConfig {
         cache_ttl,
         failure_backoff,
         allow_md5,
+        secret_file,
     }
 }
 
@@ -3030,6 +3053,25 @@ action = "warn"
                 "cutover.carry_gucs[1]",
                 "cutover.reverse_slot",
             ]
+        );
+    }
+
+    #[test]
+    fn max_clients_per_addr_is_off_by_default_and_never_negative() {
+        assert_eq!(parse_ok(&with_minimal("")).listen.max_clients_per_addr, 0);
+        let config = parse_ok(&with_minimal("[listen]\nmax_clients_per_addr = 16\n"));
+        assert_eq!(config.listen.max_clients_per_addr, 16);
+        assert!(
+            config
+                .describe(&["listen"])
+                .iter()
+                .any(|line| line.contains("16 per client address")),
+            "{:?}",
+            config.describe(&["listen"])
+        );
+        assert_eq!(
+            problem_keys(&with_minimal("[listen]\nmax_clients_per_addr = -1\n")),
+            vec!["listen.max_clients_per_addr"]
         );
     }
 

@@ -16,11 +16,14 @@
 //! - [`probe`]: `pgshift probe`, sessions that rehearse a migration and report what
 //!   applications would see (errors, stalls, missing acknowledged writes).
 //! - [`demo`]: `pgshift demo`, two throwaway clusters, a rollout rolled back, one promoted.
+//! - [`auth`]: auth termination (`[auth] mode = "scram"`): SCRAM with clients, logins to
+//!   either color with the recovered ClientKey, verifiers from a userlist or `auth_query`.
 //! - [`tls`]: rustls configs for both hops (checked files, live copies swapped on reload) and
 //!   the plain-or-TLS stream type.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod color;
 pub mod config;
 pub mod controller;

@@ -1,4 +1,5 @@
 //! The `pgshift` command line: `run` the proxy, steer it with `ctl`, `check` a config.
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,7 +59,7 @@ enum LogFormat {
 
 /// Config sections this build puts to work; the others are accepted and reported as inactive.
 const ACTIVE_SECTIONS: &[&str] = &[
-    "listen", "admin", "metrics", "blue", "green", "routing", "rollout",
+    "listen", "admin", "metrics", "blue", "green", "routing", "rollout", "auth",
 ];
 
 /// `pgshift ctl`'s exit code for a usage error (sysexits' EX_USAGE).
@@ -124,6 +125,19 @@ fn check(path: &std::path::Path) -> ExitCode {
     for line in &tls.loaded {
         println!("[tls] {line}");
     }
+    // [auth]: the userlist read, the mock exchange's secret file.
+    match pgshift::auth::check(&config) {
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            eprintln!("{}: an [auth] problem; nothing was started", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
     let store = state_store(&config);
     match store.load() {
         Ok(Some(saved)) => println!(
@@ -141,7 +155,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    for warning in config.warnings() {
+    for warning in config.warnings().iter().chain(&tls.warnings) {
         println!("warning: {warning}");
     }
     if let Some(warning) = file_limit_warning(config.listen.max_clients) {

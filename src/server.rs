@@ -13,11 +13,25 @@ use crate::proxy::{Proxy, ProxyOptions};
 use crate::telemetry::{self, MetricsServer};
 
 /// Options for [`Server::start`].
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct ServerOptions {
     /// Discard the saved state and start from the config (`run --reset-state`).
     pub reset_state: bool,
     pub proxy: ProxyOptions,
+    /// The controller's state store, in place of the one the config asks for
+    /// ([`state_store`]): for embedders with a store of their own, and for tests that inject
+    /// store failures.
+    pub store: Option<Box<dyn StateStore>>,
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("reset_state", &self.reset_state)
+            .field("proxy", &self.proxy)
+            .field("store", &self.store.as_ref().map(|store| store.describe()))
+            .finish()
+    }
 }
 
 /// A running pgshift.
@@ -44,7 +58,10 @@ impl Server {
         config_path: PathBuf,
         mut options: ServerOptions,
     ) -> anyhow::Result<Server> {
-        let mut store = state_store(&config);
+        let mut store = match options.store.take() {
+            Some(store) => store,
+            None => state_store(&config),
+        };
         let (state, source) = initial_state(&config, store.as_mut(), options.reset_state)?;
         match &source {
             StateSource::Store(path) => tracing::info!(

@@ -225,9 +225,17 @@ fn describe_and_register() {
     describe_counter!(
         "pgshift_clients_rejected_total",
         Unit::Count,
-        "Clients refused after their StartupMessage: max_clients (53300), shutdown (57P03), routing (no color may take them)"
+        "Clients refused after their StartupMessage: max_clients (53300), shutdown (57P03), routing (no color may take them), tls_required and channel_binding (28000), auth_failed (28P01), auth_mismatch (28000)"
     );
-    for reason in ["max_clients", "shutdown", "routing"] {
+    for reason in [
+        "max_clients",
+        "shutdown",
+        "routing",
+        "tls_required",
+        "channel_binding",
+        "auth_failed",
+        "auth_mismatch",
+    ] {
         counter!("pgshift_clients_rejected_total", "reason" => reason).increment(0);
     }
 

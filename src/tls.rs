@@ -40,6 +40,7 @@ use rustls::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::auth::endpoint::{EndPoint, tls_server_end_point};
 use crate::color::Color;
 use crate::config::{BackendConfig, BackendTlsMode, Config, ListenConfig, TlsMode};
 
@@ -104,10 +105,22 @@ impl std::error::Error for TlsErrors {}
 /// and one per color (when that color's `tls` is not `disable`).
 #[derive(Debug, Clone, Default)]
 pub struct TlsConfigs {
-    pub listen: Option<Arc<ServerConfig>>,
+    pub listen: Option<Arc<ListenTls>>,
     pub backends: [Option<Arc<ClientConfig>>; 2],
     /// What was loaded, for `pgshift check` (one line per certificate file).
     pub loaded: Vec<String>,
+    /// Remarks for `pgshift check` and the start-up log (e.g. a certificate that defines no
+    /// channel binding).
+    pub warnings: Vec<String>,
+}
+
+/// The client-facing TLS config and what SCRAM channel binding needs of its certificate.
+#[derive(Debug)]
+pub struct ListenTls {
+    pub config: Arc<ServerConfig>,
+    /// `tls-server-end-point` data of pgshift's leaf certificate (auth termination offers
+    /// `SCRAM-SHA-256-PLUS` only when it is defined).
+    pub end_point: EndPoint,
 }
 
 impl TlsConfigs {
@@ -115,6 +128,7 @@ impl TlsConfigs {
     pub fn build(config: &Config) -> Result<TlsConfigs, TlsErrors> {
         let mut problems = Vec::new();
         let mut loaded = Vec::new();
+        let mut warnings = Vec::new();
         let listen = listen_config(&config.listen, &mut loaded).unwrap_or_else(|mut errors| {
             problems.append(&mut errors);
             None
@@ -126,11 +140,20 @@ impl TlsConfigs {
                 Err(mut errors) => problems.append(&mut errors),
             }
         }
+        if let Some(listen) = &listen
+            && config.auth.mode == crate::config::AuthMode::Scram
+            && let EndPoint::Undefined(algorithm) = &listen.end_point
+        {
+            warnings.push(format!(
+                "listen.tls_cert: the certificate is signed with {algorithm}, which defines no tls-server-end-point hash: SCRAM-SHA-256-PLUS (channel binding) is not offered, so clients with channel_binding=require cannot log in ([auth] mode = \"scram\")"
+            ));
+        }
         if problems.is_empty() {
             Ok(TlsConfigs {
                 listen,
                 backends,
                 loaded,
+                warnings,
             })
         } else {
             Err(TlsErrors(problems))
@@ -141,7 +164,7 @@ impl TlsConfigs {
 /// The TLS configs sessions use now; swapped whole on reload without touching open sessions.
 #[derive(Debug, Default)]
 pub struct TlsState {
-    listen: ArcSwapOption<ServerConfig>,
+    listen: ArcSwapOption<ListenTls>,
     backends: [ArcSwapOption<ClientConfig>; 2],
 }
 
@@ -149,7 +172,11 @@ impl TlsState {
     /// Builds the configs `config` describes (the start of `pgshift run`).
     pub fn load(config: &Config) -> Result<TlsState, TlsErrors> {
         let state = TlsState::default();
-        state.install(TlsConfigs::build(config)?);
+        let configs = TlsConfigs::build(config)?;
+        for warning in &configs.warnings {
+            tracing::warn!("{warning}");
+        }
+        state.install(configs);
         Ok(state)
     }
 
@@ -171,6 +198,14 @@ impl TlsState {
 
     /// The client-facing config, when client TLS is on (`tls_mode` not `disable`).
     pub fn listen(&self) -> Option<Arc<ServerConfig>> {
+        self.listen
+            .load()
+            .as_ref()
+            .map(|listen| listen.config.clone())
+    }
+
+    /// The client-facing config with its certificate's channel-binding data.
+    pub fn listen_tls(&self) -> Option<Arc<ListenTls>> {
         self.listen.load_full()
     }
 
@@ -187,7 +222,7 @@ fn ring() -> Arc<CryptoProvider> {
 fn listen_config(
     listen: &ListenConfig,
     loaded: &mut Vec<String>,
-) -> Result<Option<Arc<ServerConfig>>, Vec<TlsFileError>> {
+) -> Result<Option<Arc<ListenTls>>, Vec<TlsFileError>> {
     let (Some(cert_file), Some(key_file)) = (&listen.tls_cert, &listen.tls_key) else {
         return Ok(None);
     };
@@ -238,6 +273,8 @@ fn listen_config(
         }
         None => builder.with_no_client_auth(),
     };
+    let end_point = tls_server_end_point(&chain[0])
+        .map_err(|reason| vec![TlsFileError::new("listen.tls_cert", cert_file, reason)])?;
     let mut server = builder.with_single_cert(chain, key).map_err(|error| {
         vec![TlsFileError::new(
             "listen.tls_key",
@@ -246,7 +283,26 @@ fn listen_config(
         )]
     })?;
     server.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
-    Ok(Some(Arc::new(server)))
+    Ok(Some(Arc::new(ListenTls {
+        config: Arc::new(server),
+        end_point,
+    })))
+}
+
+/// A backend-side config that encrypts without checking the server's certificate (as libpq's
+/// `sslmode=require` without a root certificate), for the auth connection of a color whose
+/// own `tls` is `disable` when `auth_dsn` asks for TLS.
+pub fn encrypt_only_client_config() -> Result<Arc<ClientConfig>, String> {
+    let provider = ring();
+    let verifier = Arc::new(EncryptOnly(provider.signature_verification_algorithms));
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(VERSIONS)
+        .map_err(|error| error.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    Ok(Arc::new(config))
 }
 
 fn backend_config(

@@ -25,7 +25,7 @@ fn check_accepts_the_example_and_says_what_is_not_active_yet() {
     );
     assert!(stdout.contains("127.0.0.1:7432"), "{stdout}");
     assert!(
-        stdout.contains("[auth] accepted but not active yet"),
+        stdout.contains("[cutover] accepted but not active yet"),
         "{stdout}"
     );
     assert!(

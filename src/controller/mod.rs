@@ -180,7 +180,21 @@ impl Controller {
             tokio::select! {
                 request = requests.recv() => {
                     let Some(request) = request else { return };
-                    let reply = self.handle(request.command, &request.actor);
+                    // The verifier gate is async (it re-fetches every login role on both
+                    // colors); it runs before the command so the controller stays the one writer.
+                    let gate = match &request.command {
+                        Command::RolloutStart => Some("rollout start"),
+                        Command::Promote { check_only: false } => Some("promote"),
+                        _ => None,
+                    };
+                    let refused = match gate {
+                        Some(verb) => crate::auth::verifiers_gate(&self.shared, verb).await.err(),
+                        None => None,
+                    };
+                    let reply = match refused {
+                        Some(refusal) => Err(refusal),
+                        None => self.handle(request.command, &request.actor),
+                    };
                     let _ = request.reply.send(reply);
                 }
                 _ = ticks.tick() => self.tick(Instant::now()),
@@ -475,9 +489,15 @@ impl Controller {
         let new = Config::load(&self.config_path).map_err(|errors| {
             format!("the config was not reloaded and nothing changed:\n{errors}")
         })?;
+        crate::auth::check(&new).map_err(|errors| {
+            format!("the config was not reloaded and nothing changed:\n{errors}")
+        })?;
         self.shared.tls.reload(&new).map_err(|errors| {
             format!("the config was not reloaded and nothing changed:\n{errors}")
         })?;
+        if let Err(error) = self.shared.auth.reload(&new) {
+            tracing::warn!("[auth] not reloaded: {error}");
+        }
         let old = self.shared.config.load_full();
         let differs =
             |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
@@ -600,6 +620,10 @@ impl Controller {
             .map(|at| rfc3339(SystemTime::now() + at.saturating_duration_since(now)));
         reply.insert("next_step_at".into(), json!(next_step_at));
         reply.insert("replication_lag".into(), json!(self.lag.borrow().value()));
+        reply.insert(
+            "auth_mismatch".into(),
+            json!(crate::auth::auth_mismatches(&self.shared)),
+        );
         reply.insert("lag_blocks".into(), json!(self.lag_blocks(now)));
         if let Some((at, evaluation)) = &self.last_evaluation {
             reply.insert(

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod cancel;
+pub mod limits;
 pub mod registry;
 pub mod relay;
 pub mod requests;
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::auth::AuthState;
 use crate::config::Config;
 use crate::routing::{Router, RoutingTable};
 use crate::stats::Stats;
@@ -39,8 +41,14 @@ pub struct Shared {
     pub sessions: SessionRegistry,
     /// Clients holding a `max_clients` slot (routed or being routed).
     pub clients: AtomicUsize,
+    /// Sessions per client address, for `[listen] max_clients_per_addr`.
+    pub addr_limits: limits::AddrLimits,
     /// The live rustls configs of both hops; `tls.reload(&config)` swaps in re-read files.
     pub tls: TlsState,
+    /// Auth termination (`[auth] mode = "scram"`): the verifier cache and sources, the held
+    /// ClientKeys, the failure backoff, the auth mismatches seen; `auth.reload(&config)`
+    /// re-reads the userlist and the secret file.
+    pub auth: AuthState,
     pub shutting_down: AtomicBool,
 }
 
@@ -67,6 +75,7 @@ impl Proxy {
     pub async fn start(config: Config, options: ProxyOptions) -> anyhow::Result<Proxy> {
         let tls = TlsState::load(&config)
             .map_err(|errors| anyhow::anyhow!("cannot use the TLS files:\n{errors}"))?;
+        let auth = AuthState::load(&config).map_err(|error| anyhow::anyhow!("{error}"))?;
         let listener = TcpListener::bind(config.listen.addr.as_str())
             .await
             .with_context(|| format!("cannot listen on {} ([listen] addr)", config.listen.addr))?;
@@ -82,7 +91,9 @@ impl Proxy {
             cancels: CancelTable::default(),
             sessions: SessionRegistry::default(),
             clients: AtomicUsize::new(0),
+            addr_limits: limits::AddrLimits::default(),
             tls,
+            auth,
             shutting_down: AtomicBool::new(false),
         });
         let (stop_accepting, stop_rx) = watch::channel(false);

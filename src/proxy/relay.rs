@@ -144,6 +144,9 @@ struct Flow {
     /// and keep part of their records queued when its socket is full; they go out only on a
     /// later write or flush, so the flush is retried until it completes.
     unflushed: bool,
+    /// A request completed: once everything read so far is sent, a buffer that grew during
+    /// the request goes back to its initial size, so an idle session holds no burst memory.
+    shrink_when_sent: bool,
 }
 
 impl Flow {
@@ -152,6 +155,7 @@ impl Flow {
             buffer: IoBuffer::new(),
             framer: Framer::new(inspected, max_message_size),
             unflushed: false,
+            shrink_when_sent: false,
         }
     }
 
@@ -183,11 +187,14 @@ impl Flow {
         self.buffer.consume(written);
         self.framer.consumed(written);
         self.unflushed = true;
-        if self.buffer.is_empty()
-            && let Poll::Ready(flushed) = Pin::new(&mut *sink).poll_flush(cx)
-        {
-            flushed?;
-            self.unflushed = false;
+        if self.buffer.is_empty() {
+            if std::mem::take(&mut self.shrink_when_sent) {
+                self.buffer.shrink_if_idle();
+            }
+            if let Poll::Ready(flushed) = Pin::new(&mut *sink).poll_flush(cx) {
+                flushed?;
+                self.unflushed = false;
+            }
         }
         Poll::Ready(Ok(true))
     }
@@ -656,6 +663,8 @@ where
                     if self.to_backend.buffer.is_empty() {
                         self.to_backend.buffer.shrink_if_idle();
                     }
+                    // The reply is still in the buffer: it shrinks once sent.
+                    self.to_client.shrink_when_sent = true;
                 }
             }
         }
@@ -740,7 +749,7 @@ where
             "pgshift relays authentication unchanged, and {why}."
         ))
         .with_hint(format!(
-            "Connect with channel_binding=disable; or use plaintext on one of the two hops (the client's sslmode, or [{color}] tls = \"disable\"); or let pgshift log clients in itself once auth termination ([auth] mode = \"scram\") is available."
+            "Connect with channel_binding=disable; or use plaintext on one of the two hops (the client's sslmode, or [{color}] tls = \"disable\"); or let pgshift log clients in itself with auth termination ([auth] mode = \"scram\")."
         ));
         metrics::counter!("pgshift_clients_rejected_total", "reason" => "channel_binding")
             .increment(1);
@@ -852,6 +861,37 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    /// A result larger than the buffer, read while the client was slow, grows the buffer; once
+    /// the request completed and its reply is sent, the buffer is back to its initial size.
+    #[test]
+    fn a_buffer_grown_by_a_burst_shrinks_once_its_request_is_sent() {
+        let mut flow = Flow::new(TagSet::of(b"Z"), 1 << 30);
+        let mut stream = vec![b'D'];
+        stream.extend(((3 * INITIAL_BUFFER + 4) as u32).to_be_bytes());
+        stream.resize(1 + 4 + 3 * INITIAL_BUFFER, 7);
+        stream.extend([b'Z', 0, 0, 0, 5, b'I']);
+        // Read in whole while nothing was sent: the buffer grew.
+        let mut read = 0;
+        while read < stream.len() {
+            let spare = flow.buffer.spare().expect("room");
+            let count = spare.len().min(stream.len() - read);
+            spare[..count].copy_from_slice(&stream[read..read + count]);
+            flow.buffer.filled(count);
+            read += count;
+        }
+        while let Ok(Some(_)) = flow.framer.next_frame(flow.buffer.pending()) {}
+        assert!(flow.buffer.data.len() > INITIAL_BUFFER);
+        flow.shrink_when_sent = true;
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut sink = Vec::new();
+        while let Poll::Ready(Ok(true)) = flow.poll_send(&mut sink, &mut cx) {}
+        assert_eq!(sink, stream);
+        assert!(flow.buffer.is_empty());
+        assert_eq!(flow.buffer.data.len(), INITIAL_BUFFER);
+        assert!(!flow.shrink_when_sent);
     }
 
     #[test]

@@ -11,6 +11,10 @@
 //! handshake runs at once and must negotiate ALPN `postgresql`. Under `tls_mode = "require"` a
 //! plaintext StartupMessage gets 28000, while a plaintext CancelRequest is still honoured (libpq
 //! sends its cancels without TLS).
+//!
+//! Authentication: in passthrough mode the client logs in with the backend through the relay;
+//! with `[auth] mode = "scram"` [`crate::auth::login`] runs the client's SCRAM exchange and
+//! the backend login first, and the relay starts at AuthenticationOk.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,8 +30,9 @@ use super::Shared;
 use super::backend::{self, BackendConnection, ConnectError, configure_socket};
 use super::registry::{CloseOrder, CloseReason};
 use super::relay::{Relay, SessionEnd, SessionIdentity, TlsHops};
+use crate::auth::login::{self, LoginOutcome, LoginRequest};
 use crate::color::Color;
-use crate::config::{Config, TlsMode};
+use crate::config::{AuthMode, Config, TlsMode};
 use crate::protocol::messages::{ClientError, cancel_request};
 use crate::protocol::startup::{
     FirstPacket, StartupError, StartupMessage, first_packet_length, parse_first_packet,
@@ -41,6 +46,9 @@ enum Opening {
         client: ClientStream,
         startup: StartupMessage,
         leftover: BytesMut,
+        /// `tls-server-end-point` data of the certificate a TLS client was shown, when it
+        /// defines one (SCRAM channel binding under auth termination).
+        end_point: Option<Vec<u8>>,
     },
     /// The client is refused with `error`; `counted` names the refusal in
     /// `pgshift_clients_rejected_total` when it is one.
@@ -60,12 +68,13 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
     configure_socket(&tcp, &config.listen);
     let login_deadline = Instant::now() + config.listen.login_timeout;
     let opening = tokio::time::timeout_at(login_deadline, open(&shared, &config, tcp, peer)).await;
-    let (mut client, startup, leftover) = match opening {
+    let (mut client, startup, mut leftover, end_point) = match opening {
         Ok(Opening::Startup {
             client,
             startup,
             leftover,
-        }) => (client, startup, leftover),
+            end_point,
+        }) => (client, startup, leftover, end_point),
         Ok(Opening::Done) | Err(_) => return,
         Ok(Opening::Refused {
             mut client,
@@ -101,6 +110,16 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         refuse(&shared, &mut client, "max_clients", error).await;
         return;
     };
+    let Some(_addr_slot) = super::limits::admit(
+        &shared,
+        &mut client,
+        peer.ip(),
+        config.listen.max_clients_per_addr,
+    )
+    .await
+    else {
+        return;
+    };
     let facts = match startup.facts(Some(peer.ip())) {
         Ok(facts) => facts,
         Err(error) => {
@@ -125,12 +144,31 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             return;
         }
     };
-    let backend = match connect_routed(&shared, &config, route, &startup.raw).await {
-        Ok(backend) => backend,
-        Err(error) => {
-            tracing::warn!(user = %facts.user, database = %facts.database, client = %peer, "{error}");
-            send_and_close(&mut client, &error.client_response()).await;
-            return;
+    // Auth termination: pgshift logs the client in and the backend in on its behalf; the
+    // lease keeps the user's ClientKey in memory while this session lives.
+    let (backend, _key_lease) = if config.auth.mode == AuthMode::Scram {
+        let request = LoginRequest {
+            shared: &shared,
+            config: &config,
+            startup: &startup,
+            facts: &facts,
+            route,
+            peer,
+            end_point,
+            deadline: login_deadline,
+        };
+        match login::run(request, &mut client, &mut leftover).await {
+            LoginOutcome::LoggedIn { connection, lease } => (connection, Some(lease)),
+            LoginOutcome::Ended => return,
+        }
+    } else {
+        match connect_routed(&shared, &config, route, &startup.raw).await {
+            Ok(backend) => (backend, None),
+            Err(error) => {
+                tracing::warn!(user = %facts.user, database = %facts.database, client = %peer, "{error}");
+                send_and_close(&mut client, &error.client_response()).await;
+                return;
+            }
         }
     };
     let color = backend.color;
@@ -151,10 +189,10 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         backend_addr: backend.addr,
     };
     // SCRAM channel binding cannot cross pgshift: with a TLS backend the relay watches the
-    // login for it.
+    // login for it — unless pgshift logged in itself, and the login is already over.
     let hops = TlsHops {
         client: client.is_tls(),
-        backend: backend.stream.is_tls(),
+        backend: backend.stream.is_tls() && config.auth.mode != AuthMode::Scram,
     };
     let (end, requests) = match Relay::new(
         identity,
@@ -194,7 +232,8 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
 /// Reads first packets until a StartupMessage or a CancelRequest, answering SSLRequest and
 /// GSSENCRequest on the way and running the TLS handshake when TLS is on.
 async fn open(shared: &Shared, config: &Config, mut tcp: TcpStream, peer: SocketAddr) -> Opening {
-    let tls = shared.tls.listen();
+    let listen_tls = shared.tls.listen_tls();
+    let tls = listen_tls.as_ref().map(|listen| listen.config.clone());
     let mut buffer = BytesMut::with_capacity(1024);
     let mut asked = Asked::default();
     let direct = match &tls {
@@ -224,6 +263,7 @@ async fn open(shared: &Shared, config: &Config, mut tcp: TcpStream, peer: Socket
                     client: MaybeTls::Plain(tcp),
                     startup,
                     leftover: buffer,
+                    end_point: None,
                 };
             }
             Ok(Step::Done) => return Opening::Done,
@@ -262,6 +302,10 @@ async fn open(shared: &Shared, config: &Config, mut tcp: TcpStream, peer: Socket
             client,
             startup,
             leftover: buffer,
+            end_point: listen_tls
+                .as_ref()
+                .and_then(|listen| listen.end_point.hash())
+                .map(<[u8]>::to_vec),
         },
         Ok(Step::Done | Step::StartTls) => Opening::Done,
         Err(error) => Opening::Refused {

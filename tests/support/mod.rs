@@ -1131,5 +1131,6 @@ pub fn shared_pair() -> &'static ClusterPair {
         Err(msg) => panic!("shared blue/green pair failed to start: {msg}"),
     }
 }
+pub mod faults;
 pub mod pgshift;
 pub mod wire;

@@ -260,6 +260,7 @@ impl TestServer {
                 routing_seed: seed,
                 ..ProxyOptions::default()
             },
+            store: None,
         };
         self.server =
             Some(pgshift::server::Server::start(config, self.config_path.clone(), options).await?);
