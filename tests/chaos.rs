@@ -918,7 +918,10 @@ impl StateStore for SlowStore {
 }
 
 /// While the controller waits on its store, sessions are served on as before: the proxy's
-/// longest `SELECT 1` during three slow saves stays far below one save's duration.
+/// longest `SELECT 1` during slow saves stays well below one save's duration.
+///
+/// The controller saves inside `tokio::task::block_in_place`, so a slow disk holds neither a
+/// runtime worker nor the sessions queued on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_state_store_does_not_stall_sessions() {
     let _turn = TURNS.read().await;
@@ -933,6 +936,7 @@ async fn a_slow_state_store_does_not_stall_sessions() {
     .expect("write");
     let config = Config::load(&config_path).expect("config");
     const SAVE: Duration = Duration::from_millis(1000);
+    const SESSIONS: usize = 8;
     let server = Server::start(
         config,
         config_path.clone(),
@@ -951,7 +955,7 @@ async fn a_slow_state_store_does_not_stall_sessions() {
     };
     let dsn = blue_dsn(port);
     let mut clients = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..SESSIONS {
         let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
             .await
             .expect("session");
@@ -975,7 +979,7 @@ async fn a_slow_state_store_does_not_stall_sessions() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    for weight in [10, 20, 30] {
+    for weight in [10, 20, 30, 40, 50, 60] {
         let reply = server.admin(&format!("weight {weight}")).await;
         assert_eq!(reply["ok"], true, "{reply}");
     }
@@ -984,9 +988,11 @@ async fn a_slow_state_store_does_not_stall_sessions() {
     for handle in loops {
         longest = longest.max(handle.await.expect("loop"));
     }
-    eprintln!("slow store: longest SELECT 1 during three {SAVE:?} saves: {longest:?}");
+    eprintln!(
+        "slow store: longest SELECT 1 of {SESSIONS} sessions during six {SAVE:?} saves: {longest:?}"
+    );
     assert!(
-        longest < SAVE / 3,
+        longest < SAVE / 2,
         "a session waited {longest:?} while the controller waited on its store ({SAVE:?} a save)"
     );
     server.stop().await;

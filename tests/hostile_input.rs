@@ -826,11 +826,8 @@ fn assert_nothing_secret(log: &str, what: &str, logins: usize) {
 
 /// `[listen] max_message_size` bounds what a *client* may send (CONTRACT.md, config/pgshift.toml);
 /// results from the database are not the client's to bound, and Postgres itself sends rows up
-/// to 1 GiB per field. BUG (src/proxy/relay.rs, `Relay::new`): the backend → client framer is
-/// built with the same `max_message_size`, so a row larger than it ends the session as a
-/// "backend protocol violation" (the client gets 08006). Ignored until fixed; then un-ignore.
+/// to 1 GiB per field: the backend → client framer only refuses lengths above i32::MAX.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: max_message_size is applied to backend messages (src/proxy/relay.rs)"]
 async fn max_message_size_does_not_bound_what_the_database_sends() {
     let pair = shared_pair();
     let proxy = TestProxy::start(pair, "max_message_size = 1024", "green_weight = 50", None).await;
@@ -839,6 +836,13 @@ async fn max_message_size_does_not_bound_what_the_database_sends() {
         .simple_query("SELECT repeat('x', 4000)")
         .await
         .expect("a 4 kB row through a 1 kB client limit");
-    assert_eq!(rows.len(), 2, "one row and its CommandComplete");
+    let values: Vec<usize> = rows
+        .iter()
+        .filter_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::len),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(values, vec![4000], "the whole 4 kB row arrives");
     proxy.stop().await;
 }

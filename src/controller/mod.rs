@@ -423,9 +423,17 @@ impl Controller {
         let now = Instant::now();
         if next != self.state {
             let saved = next.persisted(now, SystemTime::now());
-            self.store
-                .save(&saved)
-                .map_err(|error| format!("{error}; nothing was changed"))?;
+            let store = &mut self.store;
+            // A save writes and fsyncs: keep it off the runtime's cooperative path so sessions
+            // on this worker are not held up by a slow disk.
+            let result =
+                match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
+                    Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                        tokio::task::block_in_place(|| store.save(&saved))
+                    }
+                    _ => store.save(&saved),
+                };
+            result.map_err(|error| format!("{error}; nothing was changed"))?;
         }
         let before = std::mem::replace(&mut self.state, next);
         let config = self.shared.config.load_full();

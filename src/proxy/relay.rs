@@ -47,6 +47,9 @@ use crate::protocol::messages::{self, ClientError, TERMINATE};
 use crate::protocol::sasl::{self, ChannelBinding};
 use crate::stats::ColorStats;
 
+/// The largest message length a backend can announce (the length word is a signed int32).
+const BACKEND_MAX_MESSAGE: usize = i32::MAX as usize;
+
 /// The SQLSTATE of a cancelled query (or a statement_timeout).
 const QUERY_CANCELED: &[u8; 5] = b"57014";
 
@@ -398,7 +401,10 @@ where
             client,
             backend,
             to_backend: Flow::new(client_inspected, max_message_size),
-            to_client: Flow::new(backend_inspected, max_message_size),
+            // `max_message_size` protects pgshift from clients; what the database sends streams
+            // through whatever its size (only a length Postgres itself could never send is
+            // refused).
+            to_client: Flow::new(backend_inspected, BACKEND_MAX_MESSAGE),
             requests: RequestTracker::new(),
             close_at_idle: None,
             cancel_key: None,
