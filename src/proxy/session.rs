@@ -157,7 +157,9 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             end_point,
             deadline: login_deadline,
         };
-        match login::run(request, &mut client, &mut leftover).await {
+        // Boxed: the login future is large (SCRAM state) and would otherwise be part of every
+        // session task for its whole life, passthrough included.
+        match Box::pin(login::run(request, &mut client, &mut leftover)).await {
             LoginOutcome::LoggedIn { connection, lease } => (connection, Some(lease)),
             LoginOutcome::Ended => return,
         }
