@@ -28,6 +28,7 @@ pub mod color;
 pub mod config;
 pub mod controller;
 pub mod demo;
+pub mod log_limit;
 pub mod probe;
 pub mod protocol;
 pub mod proxy;

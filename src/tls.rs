@@ -237,13 +237,12 @@ fn listen_config(
     )
     .map_err(|mut errors| problems.append(&mut errors))
     .ok();
-    let client_roots = match &listen.tls_client_ca {
-        Some(ca_file) => load_roots("listen.tls_client_ca", ca_file, loaded)
-            .map(Some)
-            .map_err(|error| problems.push(error))
-            .ok(),
-        None => Some(None),
-    };
+    let client_roots = optional_roots(
+        "listen.tls_client_ca",
+        listen.tls_client_ca.as_deref(),
+        loaded,
+        &mut problems,
+    );
     let (Some((chain, key)), Some(client_roots)) = (identity, client_roots) else {
         return Err(problems);
     };
@@ -294,7 +293,9 @@ fn listen_config(
 /// own `tls` is `disable` when `auth_dsn` asks for TLS.
 pub fn encrypt_only_client_config() -> Result<Arc<ClientConfig>, String> {
     let provider = ring();
-    let verifier = Arc::new(EncryptOnly(provider.signature_verification_algorithms));
+    let verifier = Arc::new(NameUnchecked::encrypt_only(
+        provider.signature_verification_algorithms,
+    ));
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)
         .map_err(|error| error.to_string())?
@@ -315,13 +316,12 @@ fn backend_config(
     }
     let key_of = |name: &str| format!("{color}.{name}");
     let mut problems = Vec::new();
-    let roots = match &backend.ca_file {
-        Some(ca_file) => load_roots(&key_of("ca_file"), ca_file, loaded)
-            .map(Some)
-            .map_err(|error| problems.push(error))
-            .ok(),
-        None => Some(None),
-    };
+    let roots = optional_roots(
+        &key_of("ca_file"),
+        backend.ca_file.as_deref(),
+        loaded,
+        &mut problems,
+    );
     let identity = match (&backend.tls_cert, &backend.tls_key) {
         (Some(cert_file), Some(key_file)) => certified_key(
             (&key_of("tls_cert"), cert_file),
@@ -353,10 +353,15 @@ fn backend_config(
             if backend.tls == BackendTlsMode::VerifyFull {
                 webpki
             } else {
-                Arc::new(ChainOnly(webpki))
+                Arc::new(NameUnchecked::chain_only(
+                    webpki,
+                    provider.signature_verification_algorithms,
+                ))
             }
         }
-        None => Arc::new(EncryptOnly(provider.signature_verification_algorithms)),
+        None => Arc::new(NameUnchecked::encrypt_only(
+            provider.signature_verification_algorithms,
+        )),
     };
     let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)
@@ -545,16 +550,56 @@ fn load_roots(
     Ok(roots)
 }
 
+/// The trust anchors of an optional CA file: `Some(None)` when there is none, `None` when it
+/// cannot be used (the reason is added to `problems`).
+fn optional_roots(
+    key: &str,
+    file: Option<&Path>,
+    loaded: &mut Vec<String>,
+    problems: &mut Vec<TlsFileError>,
+) -> Option<Option<RootCertStore>> {
+    match file {
+        Some(file) => load_roots(key, file, loaded)
+            .map(Some)
+            .map_err(|error| problems.push(error))
+            .ok(),
+        None => Some(None),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backend certificate verifiers other than verify-full's
 // ---------------------------------------------------------------------------------------------
 
-/// `prefer` / `require` with a `ca_file`: the chain must lead to the CA, the name is not
-/// checked (libpq's `verify-ca`, which libpq applies to `require` when a root file exists).
+/// `prefer` / `require`: the server's name is never checked. With a `ca_file` its chain must
+/// lead to the CA (libpq's `verify-ca`, which libpq applies to `require` when a root file
+/// exists); without one nothing is checked but the handshake signatures, against the
+/// presented key (encryption only, as libpq's `require` without a root certificate).
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct NameUnchecked {
+    /// The chain check of the `ca_file`, when there is one.
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    /// What the handshake signatures are checked with (the provider's, as webpki's own).
+    algorithms: WebPkiSupportedAlgorithms,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl NameUnchecked {
+    fn chain_only(chain: Arc<WebPkiServerVerifier>, algorithms: WebPkiSupportedAlgorithms) -> Self {
+        NameUnchecked {
+            chain: Some(chain),
+            algorithms,
+        }
+    }
+
+    fn encrypt_only(algorithms: WebPkiSupportedAlgorithms) -> Self {
+        NameUnchecked {
+            chain: None,
+            algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for NameUnchecked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -563,11 +608,11 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
         // webpki checks the chain first and the name last: a name error means the chain passed.
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -581,7 +626,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -590,51 +635,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer` / `require` without a `ca_file`: encryption only, as libpq's `require` without a
-/// root certificate. The handshake signatures are still checked against the presented key.
-#[derive(Debug)]
-struct EncryptOnly(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 

@@ -14,8 +14,7 @@
 mod support;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,15 +22,12 @@ use std::time::{Duration, Instant};
 
 use pgshift::color::Color;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::pki_types::ServerName;
+use support::certs::{self, Pki};
 use support::pgshift::{TestProxy, TestServer, sqlstate};
 use support::wire::{self, error_code, error_field, message, startup_packet};
 use support::{
-    ClusterPair, SUPERUSER, TEST_PASSWORD, TEST_USER, free_port, pg_bin_dir, pg_os_user,
-    shared_pair,
+    ClusterPair, SUPERUSER, TEST_PASSWORD, TEST_USER, free_port, pg_bin_dir, shared_pair,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -206,21 +202,6 @@ struct RawLogin {
     elapsed: Duration,
 }
 
-async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S) -> Option<(u8, Vec<u8>)> {
-    let frame = async {
-        let mut header = [0u8; 5];
-        stream.read_exact(&mut header).await?;
-        let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        if !(4..=1 << 20).contains(&length) {
-            return Err(std::io::Error::other("implausible length"));
-        }
-        let mut body = vec![0u8; length - 4];
-        stream.read_exact(&mut body).await?;
-        Ok::<_, std::io::Error>((header[0], body))
-    };
-    tokio::time::timeout(WAIT, frame).await.ok()?.ok()
-}
-
 fn error_of(body: &[u8]) -> (String, String) {
     (
         error_code(body).unwrap_or_default(),
@@ -255,7 +236,7 @@ async fn raw_scram_login<S: AsyncRead + AsyncWrite + Unpin>(
         .expect("send startup");
     let mut scram = ScramSha256::new(password.as_bytes(), binding);
     loop {
-        let Some((tag, body)) = read_frame(stream).await else {
+        let Some((tag, body)) = wire::read_plausible_message(stream, WAIT).await else {
             seen.result = Err(("".into(), "connection closed".into()));
             break;
         };
@@ -302,7 +283,7 @@ async fn raw_scram_login<S: AsyncRead + AsyncWrite + Unpin>(
                 .expect("the server signature verifies"),
             0 => {
                 let mut after = Vec::new();
-                while let Some((tag, body)) = read_frame(stream).await {
+                while let Some((tag, body)) = wire::read_plausible_message(stream, WAIT).await {
                     let ready = tag == b'Z';
                     after.push((tag, body));
                     if ready {
@@ -433,7 +414,7 @@ async fn backend_refusals_are_relayed() {
     let mut scram = ScramSha256::new(b"refused-pw", ChannelBinding::unsupported());
     let mut saw_ok = false;
     let mut code = None;
-    while let Some((tag, body)) = read_frame(&mut stream).await {
+    while let Some((tag, body)) = wire::read_plausible_message(&mut stream, WAIT).await {
         match (
             tag,
             body.get(..4)
@@ -1085,95 +1066,6 @@ async fn md5_only_with_allow_md5() {
 // Channel binding
 // ---------------------------------------------------------------------------------------------
 
-fn write_file(path: &Path, text: &str, mode: u32) {
-    fs::write(path, text).unwrap_or_else(|error| panic!("write {}: {error}", path.display()));
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-/// A CA and leaves: `server` (pgshift: localhost, 127.0.0.1) and `db` (the databases).
-fn make_pki(dir: &Path) {
-    fs::create_dir_all(dir).expect("pki dir");
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "pgshift auth test CA");
-    let ca = params.self_signed(&ca_key).expect("CA certificate");
-    write_file(&dir.join("ca.crt"), &ca.pem(), 0o644);
-    let issuer = Issuer::new(params, ca_key);
-    for (name, names) in [
-        ("server", &["localhost", "127.0.0.1"][..]),
-        ("db", &["localhost"][..]),
-    ] {
-        let key = KeyPair::generate().expect("key");
-        let params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .expect("params");
-        let cert = params.signed_by(&key, &issuer).expect("certificate");
-        write_file(&dir.join(format!("{name}.crt")), &cert.pem(), 0o644);
-        write_file(
-            &dir.join(format!("{name}.key")),
-            &key.serialize_pem(),
-            0o600,
-        );
-    }
-}
-
-/// Turns `ssl = on` on with the `db` certificate and waits until it takes TLS connections.
-fn enable_ssl(cluster: &support::Cluster, pki: &Path) {
-    for (from, to) in [("db.crt", "server.crt"), ("db.key", "server.key")] {
-        let path = cluster.data_dir().join(to);
-        write_file(
-            &path,
-            &fs::read_to_string(pki.join(from)).expect("read"),
-            0o600,
-        );
-        if let Some(user) = pg_os_user() {
-            std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid)).expect("chown");
-        }
-    }
-    cluster.psql("ALTER SYSTEM SET ssl = on");
-    cluster.psql("SELECT pg_reload_conf()");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let output = Command::new(pg_bin_dir().join("psql"))
-            .env_remove("PGSSLMODE")
-            .args(["-X", "-A", "-t", "-d"])
-            .arg(format!(
-                "host=127.0.0.1 port={} user={SUPERUSER} dbname=postgres sslmode=require",
-                cluster.port()
-            ))
-            .args([
-                "-c",
-                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            ])
-            .output()
-            .expect("psql runs");
-        if output.status.success() && String::from_utf8_lossy(&output.stdout).trim() == "t" {
-            return;
-        }
-        assert!(Instant::now() < deadline, "ssl did not come on");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn client_config(pki: &Path) -> ClientConfig {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(pki.join("ca.crt")).expect("CA file") {
-        roots.add(cert.expect("CA certificate")).expect("add CA");
-    }
-    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth()
-}
-
 /// `channel_binding=require` over client TLS with TLS backends: psql and tokio-postgres log
 /// in (bound to pgshift's certificate, and pgshift binds its own login to the database's);
 /// a `y` flag over TLS is refused; a plaintext client still reaches a TLS backend.
@@ -1182,21 +1074,16 @@ async fn channel_binding_require_over_client_tls_with_tls_backends() {
     let pair = tokio::task::spawn_blocking(ClusterPair::start_private)
         .await
         .expect("private pair");
-    let pki: PathBuf = pair.blue.root_dir().join("pki");
-    make_pki(&pki);
+    let pki = Pki::create(pair.blue.root_dir().join("pki"));
     for cluster in pair.both() {
-        enable_ssl(cluster, &pki);
+        certs::enable_ssl(cluster, &pki);
     }
     create_role_on_both(&pair, "bound", "bound-pw", "");
     let port = free_port();
-    let listen = format!(
-        "tls_cert = {:?}\ntls_key = {:?}\ntls_mode = \"prefer\"\n",
-        pki.join("server.crt"),
-        pki.join("server.key")
-    );
+    let listen = pki.listen("prefer");
     let backend_tls = format!(
         "tls = \"verify-full\"\nca_file = {:?}\n",
-        pki.join("ca.crt")
+        pki.path("ca.crt")
     );
     let text = format!(
         "[listen]\naddr = \"127.0.0.1:{port}\"\nlogin_timeout = \"30s\"\n{listen}\n\
@@ -1215,10 +1102,10 @@ async fn channel_binding_require_over_client_tls_with_tls_backends() {
         let output = psql(
             format!(
                 "host=127.0.0.1 port={port} user=bound password=bound-pw dbname={database} sslmode=verify-full sslrootcert={} channel_binding=require",
-                pki.join("ca.crt").display()
+                pki.path("ca.crt").display()
             ),
             query,
-            &pki,
+            &pki.dir,
         )
         .await;
         assert_eq!(
@@ -1231,7 +1118,7 @@ async fn channel_binding_require_over_client_tls_with_tls_backends() {
         &format!(
             "host=127.0.0.1 port={port} user=bound password=bound-pw dbname=tenant_42 sslmode=require channel_binding=require"
         ),
-        tokio_postgres_rustls::MakeRustlsConnect::new(client_config(&pki)),
+        pki.tokio_postgres_tls(),
     )
     .await
     .expect("tokio-postgres with channel_binding=require");
@@ -1241,7 +1128,7 @@ async fn channel_binding_require_over_client_tls_with_tls_backends() {
     let output = psql(
         format!("host=127.0.0.1 port={port} user=bound password=bound-pw dbname=tenant_42 sslmode=disable"),
         query,
-        &pki,
+        &pki.dir,
     )
     .await;
     assert_eq!(
@@ -1260,7 +1147,7 @@ async fn channel_binding_require_over_client_tls_with_tls_backends() {
     tcp.read_exact(&mut answer).await.expect("answer");
     assert_eq!(answer[0], b'S');
     let name = ServerName::try_from("localhost").expect("name");
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client_config(&pki)))
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(pki.client_config(None)))
         .connect(name, tcp)
         .await
         .expect("TLS");

@@ -9,6 +9,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,11 +17,12 @@ use std::time::Duration;
 use pgshift::color::Color;
 use pgshift::config::Config;
 use pgshift::controller::store::{FileStore, PersistedState, StateStore, StoreError};
-use pgshift::proxy::{ProxyOptions, Shared};
+use pgshift::proxy::Shared;
 use pgshift::server::{Server, ServerOptions};
 use support::faults::{Fault, FaultRelay};
 use support::pgshift::{
     Outcome, TestProxy, TestServer, config_text, connect_with_outcome, expect_ended_with, sqlstate,
+    write_config,
 };
 use support::wire::message;
 use support::{BULK_USER, ClusterPair, SUPERUSER, free_port, shared_pair};
@@ -538,6 +540,32 @@ async fn network_faults_between_pgshift_and_a_backend() {
 // 4. The state store cannot write
 // ---------------------------------------------------------------------------------------------
 
+/// A whole pgshift in front of the shared pair (blue by weight) whose controller uses the
+/// store `store_for` makes from the path of the state file (in the server's temp dir).
+async fn server_with_store(store_for: impl FnOnce(&Path) -> Box<dyn StateStore>) -> TestServer {
+    let port = free_port();
+    let (dir, config_path) =
+        write_config(&config_text(shared_pair(), port, "", "green_weight = 0"));
+    let store = store_for(&dir.path().join("pgshift-state.json"));
+    let config = Config::load(&config_path).expect("config");
+    let server = Server::start(
+        config,
+        config_path.clone(),
+        ServerOptions {
+            store: Some(store),
+            ..ServerOptions::default()
+        },
+    )
+    .await
+    .expect("pgshift starts with the injected store");
+    TestServer {
+        server: Some(server),
+        port,
+        dir,
+        config_path,
+    }
+}
+
 /// A [`FileStore`] whose writes fail while `failing` is set (as a full or read-only disk
 /// would; a read-only directory does not stop root). Counts the writes it was asked for.
 struct FlakyStore {
@@ -580,42 +608,18 @@ impl StateStore for FlakyStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_store_that_cannot_write_refuses_every_change() {
     let _turn = TURNS.read().await;
-    let pair = shared_pair();
-    let port = free_port();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config_path = dir.path().join("pgshift.toml");
-    std::fs::write(
-        &config_path,
-        config_text(pair, port, "", "green_weight = 0"),
-    )
-    .expect("write");
-    let state_path = dir.path().join("pgshift-state.json");
     let failing = Arc::new(AtomicBool::new(false));
     let attempts = Arc::new(AtomicUsize::new(0));
-    let store = FlakyStore {
-        file: FileStore::new(&state_path),
-        failing: failing.clone(),
-        attempts: attempts.clone(),
-        last_saved: Arc::default(),
-    };
-    let config = Config::load(&config_path).expect("config");
-    let server = Server::start(
-        config,
-        config_path.clone(),
-        ServerOptions {
-            reset_state: false,
-            proxy: ProxyOptions::default(),
-            store: Some(Box::new(store)),
-        },
-    )
-    .await
-    .expect("pgshift starts with the injected store");
-    let server = TestServer {
-        server: Some(server),
-        port,
-        dir,
-        config_path,
-    };
+    let server = server_with_store(|state_path| {
+        Box::new(FlakyStore {
+            file: FileStore::new(state_path),
+            failing: failing.clone(),
+            attempts: attempts.clone(),
+            last_saved: Arc::default(),
+        })
+    })
+    .await;
+    let state_path = server.state_path();
 
     let reply = server.admin("weight 25").await;
     assert_eq!(reply["ok"], true, "{reply}");
@@ -925,35 +929,10 @@ impl StateStore for SlowStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_state_store_does_not_stall_sessions() {
     let _turn = TURNS.read().await;
-    let pair = shared_pair();
-    let port = free_port();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config_path = dir.path().join("pgshift.toml");
-    std::fs::write(
-        &config_path,
-        config_text(pair, port, "", "green_weight = 0"),
-    )
-    .expect("write");
-    let config = Config::load(&config_path).expect("config");
     const SAVE: Duration = Duration::from_millis(1000);
     const SESSIONS: usize = 8;
-    let server = Server::start(
-        config,
-        config_path.clone(),
-        ServerOptions {
-            store: Some(Box::new(SlowStore { delay: SAVE })),
-            ..ServerOptions::default()
-        },
-    )
-    .await
-    .expect("pgshift starts");
-    let server = TestServer {
-        server: Some(server),
-        port,
-        dir,
-        config_path,
-    };
-    let dsn = blue_dsn(port);
+    let server = server_with_store(|_| Box::new(SlowStore { delay: SAVE })).await;
+    let dsn = blue_dsn(server.port);
     let mut clients = Vec::new();
     for _ in 0..SESSIONS {
         let (client, connection) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)

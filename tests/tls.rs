@@ -5,180 +5,32 @@
 //! channel-binding matrix over all four hop combinations, 100 MiB each way through TLS,
 //! certificate reload without dropping sessions, and `check` / `run` refusing bad TLS files.
 //!
-//! Every certificate and key is generated here (rcgen) into temp dirs; none is committed.
+//! Every certificate and key is generated (rcgen, `support::certs`) into temp dirs; none is
+//! committed.
 
 mod support;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use pgshift::config::Config;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    date_time_ymd,
-};
+use rustls::ClientConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, RootCertStore};
+use support::certs::{self, Pki};
 use support::pgshift::{TestProxy, sqlstate};
 use support::wire::{self, error_code, error_field, message, startup_packet};
 use support::{
-    BULK_USER, ClusterPair, SUPERUSER, TEST_PASSWORD, TEST_USER, free_port, pg_bin_dir, pg_os_user,
-    shared_pair,
+    BULK_USER, ClusterPair, TEST_PASSWORD, TEST_USER, free_port, pg_bin_dir, shared_pair,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-// ---------------------------------------------------------------------------------------------
-// Certificates
-// ---------------------------------------------------------------------------------------------
-
-/// A test PKI in a directory: two CAs and certificates signed by them.
-///
-/// | file | what |
-/// |---|---|
-/// | `ca.crt` | the CA everything below is signed by, unless said otherwise |
-/// | `server.crt` / `.key` | pgshift's certificate: `localhost` and `127.0.0.1` |
-/// | `db.crt` / `.key` | the databases' certificate: `localhost` only |
-/// | `client.crt` / `.key` | a client certificate, CN `pgshift_test` |
-/// | `other-ca.crt` | an unrelated CA |
-/// | `other-server.crt` / `.key` | `localhost` and `127.0.0.1`, signed by the other CA |
-/// | `expired.crt` / `.key` | `localhost`, expired in 2020 |
-struct Pki {
-    dir: PathBuf,
-    _temp: Option<tempfile::TempDir>,
-}
-
-fn new_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
-    let key = KeyPair::generate().expect("CA key");
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.distinguished_name.push(DnType::CommonName, name);
-    let cert = params.self_signed(&key).expect("CA certificate");
-    (cert.pem(), Issuer::new(params, key))
-}
-
-fn new_leaf(
-    issuer: &Issuer<'static, KeyPair>,
-    common_name: &str,
-    names: &[&str],
-    expired: bool,
-) -> (String, String) {
-    let key = KeyPair::generate().expect("key");
-    let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
-    let mut params = CertificateParams::new(names).expect("params");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
-    if expired {
-        params.not_before = date_time_ymd(2019, 1, 1);
-        params.not_after = date_time_ymd(2020, 1, 1);
-    }
-    let cert = params.signed_by(&key, issuer).expect("certificate");
-    (cert.pem(), key.serialize_pem())
-}
-
-fn write_file(path: &Path, text: &str, mode: u32) {
-    fs::write(path, text).unwrap_or_else(|error| panic!("write {}: {error}", path.display()));
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-impl Pki {
-    /// A PKI in a fresh temp dir, removed with it.
-    fn new() -> Pki {
-        let temp = tempfile::tempdir().expect("temp dir");
-        let mut pki = Pki::create(temp.path().to_path_buf());
-        pki._temp = Some(temp);
-        pki
-    }
-
-    fn create(dir: PathBuf) -> Pki {
-        fs::create_dir_all(&dir).expect("pki dir");
-        let (ca_pem, ca) = new_ca("pgshift test CA");
-        let (other_ca_pem, other_ca) = new_ca("some other CA");
-        write_file(&dir.join("ca.crt"), &ca_pem, 0o644);
-        write_file(&dir.join("other-ca.crt"), &other_ca_pem, 0o644);
-        let leaves = [
-            (
-                "server",
-                &ca,
-                "pgshift",
-                &["localhost", "127.0.0.1"][..],
-                false,
-            ),
-            ("db", &ca, "db", &["localhost"][..], false),
-            ("client", &ca, TEST_USER, &[][..], false),
-            (
-                "other-server",
-                &other_ca,
-                "pgshift",
-                &["localhost", "127.0.0.1"][..],
-                false,
-            ),
-            ("expired", &ca, "pgshift", &["localhost"][..], true),
-        ];
-        for (name, issuer, common_name, names, expired) in leaves {
-            let (cert, key) = new_leaf(issuer, common_name, names, expired);
-            write_file(&dir.join(format!("{name}.crt")), &cert, 0o644);
-            write_file(&dir.join(format!("{name}.key")), &key, 0o600);
-        }
-        Pki { dir, _temp: None }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn text(&self, name: &str) -> String {
-        fs::read_to_string(self.path(name)).expect("read pki file")
-    }
-
-    /// `[listen]` keys for client TLS with `server.crt` and `tls_mode`.
-    fn listen(&self, mode: &str) -> String {
-        format!(
-            "tls_cert = {:?}\ntls_key = {:?}\ntls_mode = \"{mode}\"\n",
-            self.path("server.crt"),
-            self.path("server.key")
-        )
-    }
-
-    fn roots(&self, name: &str) -> RootCertStore {
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(self.path(name)).expect("CA file") {
-            roots.add(cert.expect("CA certificate")).expect("add CA");
-        }
-        roots
-    }
-
-    /// A rustls client config trusting `ca.crt`, offering `alpn`.
-    fn client_config(&self, alpn: Option<&[u8]>) -> ClientConfig {
-        let mut config =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("protocol versions")
-                .with_root_certificates(self.roots("ca.crt"))
-                .with_no_client_auth();
-        config.alpn_protocols = alpn.map(|alpn| vec![alpn.to_vec()]).unwrap_or_default();
-        config
-    }
-
-    /// tokio-postgres's TLS connector trusting `ca.crt`.
-    fn tokio_postgres_tls(&self) -> tokio_postgres_rustls::MakeRustlsConnect {
-        tokio_postgres_rustls::MakeRustlsConnect::new(self.client_config(None))
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Configs, clients
@@ -202,18 +54,27 @@ fn config_text(
     )
 }
 
+/// A proxy on a free port from [`config_text`]'s parts.
+async fn start_proxy(
+    listen: &str,
+    blue: (&str, u16, &str),
+    green: (&str, u16, &str),
+    routing: &str,
+) -> TestProxy {
+    let port = free_port();
+    TestProxy::start_from_text(port, &config_text(port, listen, blue, green, routing), None).await
+}
+
 /// A proxy in front of the shared (plaintext) pair with client TLS `listen` keys.
 async fn proxy_before_shared_pair(listen: &str) -> TestProxy {
     let pair = shared_pair();
-    let port = free_port();
-    let text = config_text(
-        port,
+    start_proxy(
         listen,
         ("127.0.0.1", pair.blue.port(), ""),
         ("127.0.0.1", pair.green.port(), ""),
         "green_weight = 0",
-    );
-    TestProxy::start_from_text(port, &text, None).await
+    )
+    .await
 }
 
 /// Runs psql with a connection string (and more arguments) off the async workers, with a
@@ -277,27 +138,13 @@ async fn direct_tls(
         .await
 }
 
-/// Reads one typed message from any stream, within [`WAIT`]; `None` at EOF or on error.
-async fn read_message<S: AsyncRead + Unpin>(stream: &mut S) -> Option<(u8, Vec<u8>)> {
-    let frame = async {
-        let mut header = [0u8; 5];
-        stream.read_exact(&mut header).await?;
-        let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        if !(4..=1 << 20).contains(&length) {
-            return Err(std::io::Error::other("implausible length"));
-        }
-        let mut body = vec![0u8; length - 4];
-        stream.read_exact(&mut body).await?;
-        Ok::<_, std::io::Error>((header[0], body))
-    };
-    tokio::time::timeout(WAIT, frame).await.ok()?.ok()
-}
-
 /// Reads messages until ReadyForQuery; panics on an error or EOF first.
 async fn until_ready<S: AsyncRead + Unpin>(stream: &mut S) -> Vec<(u8, Vec<u8>)> {
     let mut seen = Vec::new();
     loop {
-        let (tag, body) = read_message(stream).await.expect("a message");
+        let (tag, body) = wire::read_plausible_message(stream, WAIT)
+            .await
+            .expect("a message");
         assert_ne!(
             tag,
             b'E',
@@ -365,51 +212,10 @@ fn tls_backends() -> &'static TlsBackends {
         let pair = ClusterPair::start_private();
         let pki = Pki::create(pair.blue.root_dir().join("pki"));
         for cluster in pair.both() {
-            for (from, to) in [("db.crt", "server.crt"), ("db.key", "server.key")] {
-                let path = cluster.data_dir().join(to);
-                write_file(&path, &pki.text(from), 0o600);
-                if let Some(user) = pg_os_user() {
-                    std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
-                        .expect("chown to the postgres user");
-                }
-            }
-            cluster.psql("ALTER SYSTEM SET ssl = on");
-            cluster.psql("SELECT pg_reload_conf()");
-            wait_for_ssl(cluster.port());
+            certs::enable_ssl(cluster, &pki);
         }
         TlsBackends { pair, pki }
     })
-}
-
-/// Waits until the cluster on `port` accepts TLS connections (after a config reload).
-fn wait_for_ssl(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let output = Command::new(pg_bin_dir().join("psql"))
-            .env_remove("PGSSLMODE")
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-d",
-                &format!(
-                    "host=127.0.0.1 port={port} user={SUPERUSER} dbname=postgres sslmode=require"
-                ),
-                "-c",
-                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            ])
-            .output()
-            .expect("psql runs");
-        if output.status.success() && String::from_utf8_lossy(&output.stdout).trim() == "t" {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ssl did not come on at port {port}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Whether the backend of `client`'s session is on TLS.
@@ -433,6 +239,20 @@ async fn connect_tls(
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// A session of the bulk user to `database` through `proxy` must fail with 08006 (`what`
+/// says why); returns the error's message.
+async fn refused_with_08006(proxy: &TestProxy, database: &str, what: &str) -> String {
+    let error = proxy
+        .connect(&proxy.dsn(BULK_USER, None, database))
+        .await
+        .expect_err(what);
+    assert_eq!(sqlstate(&error).as_deref(), Some("08006"), "{error}");
+    error
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -539,7 +359,7 @@ async fn direct_tls_with_alpn_postgresql() {
             &[("user", BULK_USER), ("database", "app")],
         ))
         .await;
-    assert_eq!(read_message(&mut stream).await, None);
+    assert_eq!(wire::read_plausible_message(&mut stream, WAIT).await, None);
 
     // Another ALPN protocol: the handshake itself fails.
     assert!(
@@ -681,10 +501,8 @@ async fn backends_with_tls_verify_full_and_its_failures() {
     let backends = tls_backends();
     let (pair, pki) = (&backends.pair, &backends.pki);
     let ca = format!("ca_file = {:?}\n", pki.path("ca.crt"));
-    let port = free_port();
     // blue: verify-full by host name; green: verify-full by IP, which db.crt does not name.
-    let text = config_text(
-        port,
+    let proxy = start_proxy(
         "",
         (
             "localhost",
@@ -697,22 +515,19 @@ async fn backends_with_tls_verify_full_and_its_failures() {
             &format!("tls = \"verify-full\"\n{ca}"),
         ),
         "green_weight = 0\n[[routing.pin]]\ndatabase = \"tenant_42\"\ncolor = \"green\"\n",
-    );
-    let proxy = TestProxy::start_from_text(port, &text, None).await;
+    )
+    .await;
     let blue = proxy
         .connect(&proxy.dsn(BULK_USER, None, "app"))
         .await
         .expect("blue over verify-full");
     assert!(backend_ssl(&blue).await, "blue's hop is TLS");
-    let error = proxy
-        .connect(&proxy.dsn(BULK_USER, None, "tenant_42"))
-        .await
-        .expect_err("green's certificate does not name 127.0.0.1");
-    assert_eq!(sqlstate(&error).as_deref(), Some("08006"), "{error}");
-    let message = error
-        .as_db_error()
-        .map(|e| e.message().to_string())
-        .unwrap_or_default();
+    let message = refused_with_08006(
+        &proxy,
+        "tenant_42",
+        "green's certificate does not name 127.0.0.1",
+    )
+    .await;
     assert!(
         message.contains("TLS to the green database") && message.contains("not valid for name"),
         "{message}"
@@ -720,9 +535,7 @@ async fn backends_with_tls_verify_full_and_its_failures() {
     proxy.stop().await;
 
     // A wrong CA: 08006 naming the color and the reason.
-    let port = free_port();
-    let text = config_text(
-        port,
+    let proxy = start_proxy(
         "",
         ("127.0.0.1", pair.blue.port(), "tls = \"require\"\n"),
         (
@@ -734,17 +547,14 @@ async fn backends_with_tls_verify_full_and_its_failures() {
             ),
         ),
         "green_weight = 100",
-    );
-    let proxy = TestProxy::start_from_text(port, &text, None).await;
-    let error = proxy
-        .connect(&proxy.dsn(BULK_USER, None, "app"))
-        .await
-        .expect_err("green's certificate is not signed by other-ca");
-    assert_eq!(sqlstate(&error).as_deref(), Some("08006"), "{error}");
-    let message = error
-        .as_db_error()
-        .map(|e| e.message().to_string())
-        .unwrap_or_default();
+    )
+    .await;
+    let message = refused_with_08006(
+        &proxy,
+        "app",
+        "green's certificate is not signed by other-ca",
+    )
+    .await;
     assert!(
         message.contains("green") && message.contains("UnknownIssuer"),
         "{message}"
@@ -752,15 +562,13 @@ async fn backends_with_tls_verify_full_and_its_failures() {
     proxy.stop().await;
 
     // require without a CA: encrypted, not verified (blue by IP works).
-    let port = free_port();
-    let text = config_text(
-        port,
+    let proxy = start_proxy(
         "",
         ("127.0.0.1", pair.blue.port(), "tls = \"require\"\n"),
         ("127.0.0.1", pair.green.port(), ""),
         "green_weight = 0",
-    );
-    let proxy = TestProxy::start_from_text(port, &text, None).await;
+    )
+    .await;
     let blue = proxy
         .connect(&proxy.dsn(BULK_USER, None, "app"))
         .await
@@ -772,29 +580,19 @@ async fn backends_with_tls_verify_full_and_its_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_tls_require_against_a_plaintext_server_fails_and_prefer_falls_back() {
     let pair = shared_pair();
-    let port = free_port();
-    let text = config_text(
-        port,
+    let proxy = start_proxy(
         "",
         ("127.0.0.1", pair.blue.port(), "tls = \"prefer\"\n"),
         ("127.0.0.1", pair.green.port(), "tls = \"require\"\n"),
         "green_weight = 0\n[[routing.pin]]\ndatabase = \"tenant_42\"\ncolor = \"green\"\n",
-    );
-    let proxy = TestProxy::start_from_text(port, &text, None).await;
+    )
+    .await;
     let blue = proxy
         .connect(&proxy.dsn(BULK_USER, None, "app"))
         .await
         .expect("prefer goes on in plaintext");
     assert!(!backend_ssl(&blue).await);
-    let error = proxy
-        .connect(&proxy.dsn(BULK_USER, None, "tenant_42"))
-        .await
-        .expect_err("green refuses TLS");
-    assert_eq!(sqlstate(&error).as_deref(), Some("08006"), "{error}");
-    let message = error
-        .as_db_error()
-        .map(|e| e.message().to_string())
-        .unwrap_or_default();
+    let message = refused_with_08006(&proxy, "tenant_42", "green refuses TLS").await;
     assert!(
         message.contains("green") && message.contains("does not accept TLS"),
         "{message}"
@@ -807,10 +605,8 @@ async fn backend_tls_require_against_a_plaintext_server_fails_and_prefer_falls_b
 async fn scram_channel_binding_in_all_four_hop_combinations() {
     let backends = tls_backends();
     let (pair, pki) = (&backends.pair, &backends.pki);
-    let port = free_port();
     // Database app goes to blue over plaintext, tenant_42 to green over TLS.
-    let text = config_text(
-        port,
+    let proxy = start_proxy(
         &pki.listen("prefer"),
         ("127.0.0.1", pair.blue.port(), "tls = \"disable\"\n"),
         (
@@ -822,8 +618,9 @@ async fn scram_channel_binding_in_all_four_hop_combinations() {
             ),
         ),
         "green_weight = 0\n[[routing.pin]]\ndatabase = \"tenant_42\"\ncolor = \"green\"\n",
-    );
-    let proxy = TestProxy::start_from_text(port, &text, None).await;
+    )
+    .await;
+    let port = proxy.port;
     let dsn = |client_tls: bool, database: &str| {
         format!(
             "host=127.0.0.1 port={port} user={TEST_USER} password={TEST_PASSWORD} dbname={database} sslmode={}",
@@ -891,9 +688,7 @@ async fn scram_channel_binding_in_all_four_hop_combinations() {
 async fn a_hundred_mib_through_tls_keeps_its_checksum() {
     let backends = tls_backends();
     let (pair, pki) = (&backends.pair, &backends.pki);
-    let port = free_port();
-    let text = config_text(
-        port,
+    let proxy = start_proxy(
         &pki.listen("require"),
         (
             "localhost",
@@ -905,8 +700,8 @@ async fn a_hundred_mib_through_tls_keeps_its_checksum() {
         ),
         ("127.0.0.1", pair.green.port(), ""),
         "green_weight = 0",
-    );
-    let proxy = TestProxy::start_from_text(port, &text, None).await;
+    )
+    .await;
     let client = connect_tls(
         &format!("{} sslmode=require", proxy.dsn(BULK_USER, None, "app")),
         pki,
@@ -999,7 +794,7 @@ async fn a_slow_tls_reader_gets_the_last_bytes() {
     // Read slower than pgshift writes, so its socket stays full until the very end.
     let mut rows = 0;
     loop {
-        let (tag, _) = read_message(&mut stream)
+        let (tag, _) = wire::read_plausible_message(&mut stream, WAIT)
             .await
             .unwrap_or_else(|| panic!("stalled after {rows} rows"));
         match tag {
@@ -1028,13 +823,7 @@ async fn presented_certificate(port: u16, pki: &Pki) -> Vec<u8> {
     for cert in pki.roots("other-ca.crt").roots {
         roots.roots.push(cert);
     }
-    let mut config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    let config = certs::client_config(roots, Some(b"postgresql"));
     let stream = direct_tls(port, config).await.expect("handshake");
     stream
         .get_ref()

@@ -23,6 +23,7 @@ use super::socket_file::{self, SocketFile};
 use super::wire::{Frame, LineFramer, encode_error, encode_reply, too_long_message};
 use crate::config::AdminConfig;
 use crate::controller::{Actor, ControllerHandle};
+use crate::log_limit::{SUMMARY_INTERVAL, Throttled};
 
 /// Bytes read from a peer at a time (a bound on what one read can queue up for answering).
 const READ_CHUNK_BYTES: usize = 4096;
@@ -57,6 +58,7 @@ impl AdminServer {
             connection_slots: Arc::new(Semaphore::new(config.max_connections)),
             max_connections: config.max_connections,
             allowed_uids: config.allowed_uids.clone(),
+            refusals: Throttled::new(SUMMARY_INTERVAL, log_refusals),
             stop_requested,
         };
         let accept_task = tokio::spawn(accept_loop.run());
@@ -109,7 +111,45 @@ struct AcceptLoop {
     connection_slots: Arc<Semaphore>,
     max_connections: usize,
     allowed_uids: Option<Vec<u32>>,
+    /// Which refusals are logged in full and which only counted.
+    refusals: Throttled<Refusal>,
     stop_requested: watch::Receiver<bool>,
+}
+
+/// A kind of refused peer: the key of the refusal log's limiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Refusal {
+    /// Its uid is not in `[admin] allowed_uids`.
+    UidNotAllowed(u32),
+    /// SO_PEERCRED failed while `[admin] allowed_uids` is set.
+    UidUnknown,
+    /// `[admin] max_connections` peers were served already.
+    TooMany { uid: Option<u32> },
+}
+
+/// The summary line of the refusals of one kind that were counted, not logged.
+fn log_refusals(refusal: &Refusal, count: u64, interval: Duration) {
+    let interval = humantime::format_duration(interval);
+    match *refusal {
+        Refusal::UidNotAllowed(uid) => tracing::warn!(
+            uid,
+            refused = count,
+            "admin socket: refused {count} more admin connections from uid {uid} in the last {interval} (not in [admin] allowed_uids)"
+        ),
+        Refusal::UidUnknown => tracing::warn!(
+            refused = count,
+            "admin socket: refused {count} more admin connections whose uid is unknown (SO_PEERCRED failed) in the last {interval}"
+        ),
+        Refusal::TooMany { uid: Some(uid) } => tracing::warn!(
+            uid,
+            refused = count,
+            "admin socket: refused {count} more admin connections from uid {uid} in the last {interval}: too many admin connections"
+        ),
+        Refusal::TooMany { uid: None } => tracing::warn!(
+            refused = count,
+            "admin socket: refused {count} more admin connections of an unknown uid in the last {interval}: too many admin connections"
+        ),
+    }
 }
 
 impl AcceptLoop {
@@ -149,17 +189,21 @@ impl AcceptLoop {
             match uid {
                 Some(uid) if allowed_uids.contains(&uid) => {}
                 Some(uid) => {
-                    tracing::warn!(
-                        uid,
-                        "admin socket: refused a peer whose uid is not in [admin] allowed_uids"
-                    );
+                    if self.refusals.note(Refusal::UidNotAllowed(uid)) {
+                        tracing::warn!(
+                            uid,
+                            "admin socket: refused a peer whose uid is not in [admin] allowed_uids"
+                        );
+                    }
                     refuse(stream, &format!("uid {uid} is not allowed on this socket"));
                     return;
                 }
                 None => {
-                    tracing::warn!(
-                        "admin socket: refused a peer whose uid is unknown (SO_PEERCRED failed)"
-                    );
+                    if self.refusals.note(Refusal::UidUnknown) {
+                        tracing::warn!(
+                            "admin socket: refused a peer whose uid is unknown (SO_PEERCRED failed)"
+                        );
+                    }
                     refuse(
                         stream,
                         "the peer's uid cannot be determined, and [admin] allowed_uids is set",
@@ -169,10 +213,12 @@ impl AcceptLoop {
             }
         }
         let Ok(slot) = Arc::clone(&self.connection_slots).try_acquire_owned() else {
-            tracing::warn!(
-                max_connections = self.max_connections,
-                "admin socket: refused a peer: too many admin connections"
-            );
+            if self.refusals.note(Refusal::TooMany { uid }) {
+                tracing::warn!(
+                    max_connections = self.max_connections,
+                    "admin socket: refused a peer: too many admin connections"
+                );
+            }
             refuse(
                 stream,
                 &format!("too many admin connections (max {})", self.max_connections),

@@ -154,11 +154,70 @@ pub fn configure_socket(stream: &TcpStream, listen: &ListenConfig) {
 enum Failure {
     Io(io::Error),
     Tls(String),
+    /// The backend's ErrorResponse: its SQLSTATE and the message as sent.
+    Refused([u8; 5], BytesMut),
+    /// auth termination: the backend stores another secret for the role.
+    Mismatch(String),
+    /// auth termination: pgshift could not log in.
+    Login(String),
 }
 
 impl From<io::Error> for Failure {
     fn from(error: io::Error) -> Failure {
         Failure::Io(error)
+    }
+}
+
+impl Failure {
+    /// The error naming `color` and `address`.
+    fn named(self, color: Color, address: String) -> ConnectError {
+        match self {
+            Failure::Io(source) => ConnectError::Unreachable {
+                color,
+                address,
+                source,
+            },
+            Failure::Tls(reason) => ConnectError::Tls {
+                color,
+                address,
+                reason,
+            },
+            Failure::Refused(sqlstate, response) => ConnectError::Refused {
+                color,
+                address,
+                sqlstate,
+                response,
+            },
+            Failure::Mismatch(what) => ConnectError::AuthMismatch {
+                color,
+                address,
+                what,
+            },
+            Failure::Login(reason) => ConnectError::Login {
+                color,
+                address,
+                reason,
+            },
+        }
+    }
+}
+
+/// Runs one attempt to reach `color` (both [`connect`] and [`login`]) within its
+/// `connect_timeout`; a failure or the timeout is named by color and address.
+async fn within_connect_timeout<T>(
+    color: Color,
+    address: &str,
+    timeout: Duration,
+    attempt: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, ConnectError> {
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(failure)) => Err(failure.named(color, address.to_string())),
+        Err(_) => Err(ConnectError::Timeout {
+            color,
+            address: address.to_string(),
+            timeout,
+        }),
     }
 }
 
@@ -180,30 +239,8 @@ pub async fn connect(
         let first_bytes = read_first_message(&mut stream).await?;
         Ok::<_, Failure>((stream, addr, first_bytes))
     };
-    let (stream, addr, first_bytes) = match tokio::time::timeout(timeout, attempt).await {
-        Err(_) => {
-            return Err(ConnectError::Timeout {
-                color,
-                address,
-                timeout,
-            });
-        }
-        Ok(Err(Failure::Io(source))) => {
-            return Err(ConnectError::Unreachable {
-                color,
-                address,
-                source,
-            });
-        }
-        Ok(Err(Failure::Tls(reason))) => {
-            return Err(ConnectError::Tls {
-                color,
-                address,
-                reason,
-            });
-        }
-        Ok(Ok(connected)) => connected,
-    };
+    let (stream, addr, first_bytes) =
+        within_connect_timeout(color, &address, timeout, attempt).await?;
     if first_bytes[0] == b'E' {
         let sqlstate = error_sqlstate(&first_bytes[5..]).unwrap_or(*b"08006");
         return Err(ConnectError::Refused {
@@ -244,30 +281,6 @@ pub struct LoggedIn {
     pub before_auth: BytesMut,
 }
 
-/// Why a login step failed, before it is named by color and address.
-enum LoginFailure {
-    Io(io::Error),
-    Tls(String),
-    Refused([u8; 5], BytesMut),
-    Mismatch(String),
-    Login(String),
-}
-
-impl From<io::Error> for LoginFailure {
-    fn from(error: io::Error) -> LoginFailure {
-        LoginFailure::Io(error)
-    }
-}
-
-impl From<Failure> for LoginFailure {
-    fn from(failure: Failure) -> LoginFailure {
-        match failure {
-            Failure::Io(error) => LoginFailure::Io(error),
-            Failure::Tls(reason) => LoginFailure::Tls(reason),
-        }
-    }
-}
-
 /// Logs in to `color` as the client's user (the user of `startup_packet`, which is sent as
 /// the client sent it) with `secret`, all within the color's `connect_timeout`.
 pub async fn login(
@@ -284,55 +297,10 @@ pub async fn login(
         let (mut stream, addr) = open_stream(&address, backend, listen, tls).await?;
         stream.write_all(startup_packet).await?;
         let (before_auth, after_auth) = authenticate(&mut stream, secret).await?;
-        Ok::<_, LoginFailure>((stream, addr, before_auth, after_auth))
+        Ok::<_, Failure>((stream, addr, before_auth, after_auth))
     };
     let (stream, addr, before_auth, first_bytes) =
-        match tokio::time::timeout(timeout, attempt).await {
-            Err(_) => {
-                return Err(ConnectError::Timeout {
-                    color,
-                    address,
-                    timeout,
-                });
-            }
-            Ok(Err(LoginFailure::Io(source))) => {
-                return Err(ConnectError::Unreachable {
-                    color,
-                    address,
-                    source,
-                });
-            }
-            Ok(Err(LoginFailure::Tls(reason))) => {
-                return Err(ConnectError::Tls {
-                    color,
-                    address,
-                    reason,
-                });
-            }
-            Ok(Err(LoginFailure::Refused(sqlstate, response))) => {
-                return Err(ConnectError::Refused {
-                    color,
-                    address,
-                    sqlstate,
-                    response,
-                });
-            }
-            Ok(Err(LoginFailure::Mismatch(what))) => {
-                return Err(ConnectError::AuthMismatch {
-                    color,
-                    address,
-                    what,
-                });
-            }
-            Ok(Err(LoginFailure::Login(reason))) => {
-                return Err(ConnectError::Login {
-                    color,
-                    address,
-                    reason,
-                });
-            }
-            Ok(Ok(done)) => done,
-        };
+        within_connect_timeout(color, &address, timeout, attempt).await?;
     Ok(LoggedIn {
         connection: BackendConnection {
             stream,
@@ -380,7 +348,7 @@ fn mechanisms(list: &[u8]) -> Vec<&[u8]> {
 async fn authenticate(
     stream: &mut BackendStream,
     secret: LoginSecret<'_>,
-) -> Result<(BytesMut, BytesMut), LoginFailure> {
+) -> Result<(BytesMut, BytesMut), Failure> {
     let mut buffer = BytesMut::with_capacity(1024);
     let mut before_auth = BytesMut::new();
     let mut exchange: Option<ClientExchange> = None;
@@ -391,7 +359,7 @@ async fn authenticate(
         match tag {
             b'E' => {
                 let sqlstate = error_sqlstate(body).unwrap_or(*b"08006");
-                return Err(LoginFailure::Refused(sqlstate, message));
+                return Err(Failure::Refused(sqlstate, message));
             }
             b'v' | b'N' => {
                 before_auth.extend_from_slice(&message);
@@ -399,7 +367,7 @@ async fn authenticate(
             }
             b'R' => {}
             other => {
-                return Err(LoginFailure::Login(format!(
+                return Err(Failure::Login(format!(
                     "unexpected message type {:?} during authentication",
                     other as char
                 )));
@@ -408,7 +376,7 @@ async fn authenticate(
         let code = body
             .get(..4)
             .map(|code| i32::from_be_bytes([code[0], code[1], code[2], code[3]]))
-            .ok_or_else(|| LoginFailure::Login("a truncated authentication request".into()))?;
+            .ok_or_else(|| Failure::Login("a truncated authentication request".into()))?;
         let data = &body[4..];
         let mut reply = Vec::new();
         match (code, secret) {
@@ -417,7 +385,7 @@ async fn authenticate(
                 let offered = mechanisms(data);
                 let plus = offered.contains(&scram::SCRAM_SHA_256_PLUS.as_bytes());
                 if !plus && !offered.contains(&scram::SCRAM_SHA_256.as_bytes()) {
-                    return Err(LoginFailure::Login(
+                    return Err(Failure::Login(
                         "the database offers no SASL mechanism pgshift knows (SCRAM-SHA-256)"
                             .into(),
                     ));
@@ -463,47 +431,47 @@ async fn authenticate(
                 },
             ) => {
                 let client = exchange.as_mut().ok_or_else(|| {
-                    LoginFailure::Login("a SASL continuation before the SASL request".into())
+                    Failure::Login("a SASL continuation before the SASL request".into())
                 })?;
                 let last = client
                     .server_first(data, verifier, client_key)
                     .map_err(|error| match error {
-                        ClientScramError::Mismatch(what) => LoginFailure::Mismatch(format!(
+                        ClientScramError::Mismatch(what) => Failure::Mismatch(format!(
                             "its SCRAM {what} differs from the verifier pgshift checked the client against"
                         )),
-                        other => LoginFailure::Login(other.to_string()),
+                        other => Failure::Login(other.to_string()),
                     })?;
                 put_message(&mut reply, b'p', &[&last]);
             }
             (auth_code::SASL_FINAL, LoginSecret::Scram { verifier, .. }) => {
                 let client = exchange.as_ref().ok_or_else(|| {
-                    LoginFailure::Login("a SASL final message before the SASL request".into())
+                    Failure::Login("a SASL final message before the SASL request".into())
                 })?;
                 client
                     .server_final(data, verifier)
-                    .map_err(|error| LoginFailure::Login(error.to_string()))?;
+                    .map_err(|error| Failure::Login(error.to_string()))?;
                 continue;
             }
             (auth_code::MD5, LoginSecret::Md5 { hash }) => {
-                let salt: [u8; 4] = data.try_into().map_err(|_| {
-                    LoginFailure::Login("a malformed md5 authentication request".into())
-                })?;
+                let salt: [u8; 4] = data
+                    .try_into()
+                    .map_err(|_| Failure::Login("a malformed md5 authentication request".into()))?;
                 let response = crate::auth::md5::salted_response(hash, &salt);
                 put_message(&mut reply, b'p', &[response.as_bytes(), b"\0"]);
             }
             (auth_code::MD5, LoginSecret::Scram { .. }) => {
-                return Err(LoginFailure::Mismatch(
+                return Err(Failure::Mismatch(
                     "it asks for md5: it stores an md5 password for the role, not the SCRAM verifier".into(),
                 ));
             }
             (auth_code::SASL, LoginSecret::Md5 { .. }) => {
-                return Err(LoginFailure::Mismatch(
+                return Err(Failure::Mismatch(
                     "it asks for SCRAM: it stores a SCRAM verifier for the role, not the md5 hash"
                         .into(),
                 ));
             }
             (auth_code::CLEARTEXT, _) => {
-                return Err(LoginFailure::Login(
+                return Err(Failure::Login(
                     "its pg_hba.conf asks for a cleartext password (method \"password\"), which pgshift does not have".into(),
                 ));
             }
@@ -511,13 +479,13 @@ async fn authenticate(
                 auth_code::KERBEROS_V5 | auth_code::GSS | auth_code::GSS_CONTINUE | auth_code::SSPI,
                 _,
             ) => {
-                return Err(LoginFailure::Login(
+                return Err(Failure::Login(
                     "its pg_hba.conf asks for GSSAPI / SSPI, which cannot work behind pgshift"
                         .into(),
                 ));
             }
             (code, _) => {
-                return Err(LoginFailure::Login(format!(
+                return Err(Failure::Login(format!(
                     "it asks for authentication method {code}, which pgshift cannot answer"
                 )));
             }
@@ -532,7 +500,7 @@ async fn authenticate(
         match message[0] {
             b'E' => {
                 let sqlstate = error_sqlstate(&message[5..]).unwrap_or(*b"08006");
-                return Err(LoginFailure::Refused(sqlstate, message));
+                return Err(Failure::Refused(sqlstate, message));
             }
             b'Z' => {
                 after_auth.extend_from_slice(&message);

@@ -6,6 +6,10 @@
 //! address or refuses the client with 53300, as Postgres refuses one connection too many. The
 //! place is given back when the returned [`AddrSlot`] drops with the session. Addresses whose
 //! count falls to zero leave the map, so it holds at most one entry per open session.
+//!
+//! Refusals are logged through a [`Throttled`] limiter per address: the first in full, then
+//! one summary line per [`SUMMARY_INTERVAL`] while they go on (every one is still counted in
+//! `pgshift_clients_rejected_total`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,12 +19,35 @@ use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::Shared;
+use crate::log_limit::{SUMMARY_INTERVAL, Throttled};
 use crate::protocol::messages::ClientError;
 
 /// Sessions held per client address.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AddrLimits {
     held: Mutex<HashMap<IpAddr, usize>>,
+    /// Which refusals are logged in full and which only counted, per address.
+    refusals: Throttled<IpAddr>,
+}
+
+impl Default for AddrLimits {
+    fn default() -> AddrLimits {
+        AddrLimits {
+            held: Mutex::default(),
+            refusals: Throttled::new(SUMMARY_INTERVAL, log_refusals),
+        }
+    }
+}
+
+/// The summary line of one address's refusals that were counted, not logged.
+fn log_refusals(addr: &IpAddr, count: u64, interval: Duration) {
+    tracing::info!(
+        reason = "max_clients_per_addr",
+        client = %addr,
+        refused = count,
+        "clients refused: {count} more from {addr} in the last {}: too many connections from it ([listen] max_clients_per_addr)",
+        humantime::format_duration(interval)
+    );
 }
 
 impl AddrLimits {
@@ -110,13 +137,15 @@ pub async fn admit<'a, S: AsyncWrite + Unpin>(
     let error = refusal(addr, max);
     metrics::counter!("pgshift_clients_rejected_total", "reason" => "max_clients_per_addr")
         .increment(1);
-    tracing::info!(
-        reason = "max_clients_per_addr",
-        client = %addr,
-        sqlstate = error.sqlstate,
-        "client refused: {}",
-        error.message
-    );
+    if shared.addr_limits.refusals.note(addr.to_canonical()) {
+        tracing::info!(
+            reason = "max_clients_per_addr",
+            client = %addr,
+            sqlstate = error.sqlstate,
+            "client refused: {}",
+            error.message
+        );
+    }
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         client.write_all(&error.encode()).await?;
         client.shutdown().await

@@ -212,90 +212,77 @@ mod tests {
         }
     }
 
-    fn running(now: Instant) -> RoutingState {
-        RoutingState {
-            green_weight_bp: 500,
-            rollout: RolloutState::Running,
-            step: Some(0),
-            step_started: Some(now),
-            reason: None,
-            admin_pins: Vec::new(),
-            draining: [false, false],
+    /// One test's plan: its config, the routing state and the memory `decide` keeps, from a
+    /// start time that the decisions are made after.
+    struct Plan {
+        config: RolloutConfig,
+        start: Instant,
+        state: RoutingState,
+        memory: PlanMemory,
+    }
+
+    impl Plan {
+        /// A running rollout at step 0 (5 % green) whose step started now; `extra` is more
+        /// `[rollout]` keys.
+        fn running(extra: &str) -> Plan {
+            let start = Instant::now();
+            Plan {
+                config: rollout(extra),
+                start,
+                state: RoutingState {
+                    green_weight_bp: 500,
+                    rollout: RolloutState::Running,
+                    step: Some(0),
+                    step_started: Some(start),
+                    reason: None,
+                    admin_pins: Vec::new(),
+                    draining: [false, false],
+                },
+                memory: PlanMemory::default(),
+            }
+        }
+
+        /// Decides on an evaluation with error rate `rate` (`None`: no verdict) at the start,
+        /// with a full window and no lag.
+        fn decide(&mut self, rate: Option<f64>) -> Vec<PlanAction> {
+            self.decide_at(rate, Duration::ZERO, true, None)
+        }
+
+        /// Decides `after` the start, with or without a `full_window`, and `lag_blocks`.
+        fn decide_at(
+            &mut self,
+            rate: Option<f64>,
+            after: Duration,
+            full_window: bool,
+            lag_blocks: Option<&str>,
+        ) -> Vec<PlanAction> {
+            decide(
+                &self.state,
+                &mut self.memory,
+                &evaluation(rate),
+                &self.config,
+                self.start + after,
+                full_window,
+                lag_blocks,
+            )
         }
     }
 
     #[test]
     fn one_bad_evaluation_does_not_act_two_do() {
-        let config = rollout("");
-        let now = Instant::now();
-        let state = running(now);
-        let mut memory = PlanMemory::default();
-        assert!(
-            decide(
-                &state,
-                &mut memory,
-                &evaluation(Some(0.2)),
-                &config,
-                now,
-                true,
-                None
-            )
-            .is_empty()
-        );
-        let actions = decide(
-            &state,
-            &mut memory,
-            &evaluation(Some(0.2)),
-            &config,
-            now,
-            true,
-            None,
-        );
+        let mut plan = Plan::running("");
+        assert!(plan.decide(Some(0.2)).is_empty());
+        let actions = plan.decide(Some(0.2));
         assert!(
             matches!(actions.as_slice(), [PlanAction::Rollback(reason)] if reason.contains("error_rate 0.2 above 0.1")),
             "{actions:?}"
         );
         // A good evaluation in between resets the streak.
-        let mut memory = PlanMemory::default();
-        decide(
-            &state,
-            &mut memory,
-            &evaluation(Some(0.07)),
-            &config,
-            now,
-            true,
-            None,
-        );
-        decide(
-            &state,
-            &mut memory,
-            &evaluation(Some(0.01)),
-            &config,
-            now,
-            true,
-            None,
-        );
-        assert!(
-            decide(
-                &state,
-                &mut memory,
-                &evaluation(Some(0.07)),
-                &config,
-                now,
-                true,
-                None
-            )
-            .is_empty()
-        );
-        let actions = decide(
-            &state,
-            &mut memory,
-            &evaluation(Some(0.07)),
-            &config,
-            now,
-            true,
-            None,
-        );
+        plan.memory = PlanMemory::default();
+        plan.decide(Some(0.07));
+        plan.decide(Some(0.01));
+        assert!(plan.decide(Some(0.07)).is_empty());
+        let actions = plan.decide(Some(0.07));
         assert!(
             matches!(actions.as_slice(), [PlanAction::Pause(_)]),
             "{actions:?}"
@@ -304,28 +291,9 @@ mod tests {
 
     #[test]
     fn rollback_wins_over_pause() {
-        let config = rollout("");
-        let now = Instant::now();
-        let state = running(now);
-        let mut memory = PlanMemory::default();
-        decide(
-            &state,
-            &mut memory,
-            &evaluation(Some(0.5)),
-            &config,
-            now,
-            true,
-            None,
-        );
-        let actions = decide(
-            &state,
-            &mut memory,
-            &evaluation(Some(0.5)),
-            &config,
-            now,
-            true,
-            None,
-        );
+        let mut plan = Plan::running("");
+        plan.decide(Some(0.5));
+        let actions = plan.decide(Some(0.5));
         assert!(
             matches!(actions.as_slice(), [PlanAction::Rollback(_)]),
             "{actions:?}"
@@ -334,70 +302,39 @@ mod tests {
 
     #[test]
     fn advances_only_after_dwell_full_window_and_lag() {
-        let config = rollout("");
-        let start = Instant::now();
-        let state = running(start);
-        let mut memory = PlanMemory::default();
-        let pass = evaluation(Some(0.0));
+        let mut plan = Plan::running("");
+        let pass = Some(0.0);
         assert!(
-            decide(
-                &state,
-                &mut memory,
-                &pass,
-                &config,
-                start + Duration::from_secs(5),
-                true,
-                None
-            )
-            .is_empty()
+            plan.decide_at(pass, Duration::from_secs(5), true, None)
+                .is_empty()
         );
-        let later = start + Duration::from_secs(11);
+        let later = Duration::from_secs(11);
         assert!(
-            decide(&state, &mut memory, &pass, &config, later, false, None).is_empty(),
+            plan.decide_at(pass, later, false, None).is_empty(),
             "partial window"
         );
         assert!(
-            decide(
-                &state,
-                &mut memory,
-                &pass,
-                &config,
-                later,
-                true,
-                Some("lag 5 MB above max_lag")
-            )
-            .is_empty()
+            plan.decide_at(pass, later, true, Some("lag 5 MB above max_lag"))
+                .is_empty()
         );
         assert_eq!(
-            decide(&state, &mut memory, &pass, &config, later, true, None),
+            plan.decide_at(pass, later, true, None),
             vec![PlanAction::Advance]
         );
     }
 
     #[test]
     fn no_verdicts_stall_and_data_resumes() {
-        let config = rollout("");
-        let now = Instant::now();
-        let mut state = running(now);
-        let mut memory = PlanMemory::default();
-        let empty = evaluation(None);
-        assert!(decide(&state, &mut memory, &empty, &config, now, true, None).is_empty());
-        assert!(decide(&state, &mut memory, &empty, &config, now, true, None).is_empty());
-        let actions = decide(&state, &mut memory, &empty, &config, now, true, None);
+        let mut plan = Plan::running("");
+        assert!(plan.decide(None).is_empty());
+        assert!(plan.decide(None).is_empty());
+        let actions = plan.decide(None);
         assert!(
             matches!(actions.as_slice(), [PlanAction::Stall(reason)] if reason.contains("max_session_age")),
             "{actions:?}"
         );
-        state.rollout = RolloutState::Stalled;
-        let actions = decide(
-            &state,
-            &mut memory,
-            &evaluation(Some(0.0)),
-            &config,
-            now,
-            false,
-            None,
-        );
+        plan.state.rollout = RolloutState::Stalled;
+        let actions = plan.decide_at(Some(0.0), Duration::ZERO, false, None);
         assert!(
             matches!(actions.as_slice(), [PlanAction::Resume(_)]),
             "{actions:?}"
@@ -406,73 +343,30 @@ mod tests {
 
     #[test]
     fn auto_resume_after_a_clear_window() {
-        let config = rollout("auto_resume = true");
-        let now = Instant::now();
-        let mut state = running(now);
-        state.rollout = RolloutState::Paused;
-        let mut memory = PlanMemory {
-            paused_by_trigger: true,
-            ..PlanMemory::default()
-        };
-        let clear = evaluation(Some(0.01));
-        assert!(decide(&state, &mut memory, &clear, &config, now, true, None).is_empty());
-        let actions = decide(
-            &state,
-            &mut memory,
-            &clear,
-            &config,
-            now + Duration::from_secs(4),
-            true,
-            None,
-        );
+        let mut plan = Plan::running("auto_resume = true");
+        plan.state.rollout = RolloutState::Paused;
+        plan.memory.paused_by_trigger = true;
+        let clear = Some(0.01);
+        assert!(plan.decide(clear).is_empty());
+        let actions = plan.decide_at(clear, Duration::from_secs(4), true, None);
         assert!(
             matches!(actions.as_slice(), [PlanAction::Resume(_)]),
             "{actions:?}"
         );
         // An operator's pause is never lifted automatically.
-        let mut memory = PlanMemory::default();
-        decide(&state, &mut memory, &clear, &config, now, true, None);
+        plan.memory = PlanMemory::default();
+        plan.decide(clear);
         assert!(
-            decide(
-                &state,
-                &mut memory,
-                &clear,
-                &config,
-                now + Duration::from_secs(9),
-                true,
-                None
-            )
-            .is_empty()
+            plan.decide_at(clear, Duration::from_secs(9), true, None)
+                .is_empty()
         );
     }
 
     #[test]
     fn manual_state_only_warns() {
-        let config = rollout("");
-        let now = Instant::now();
-        let mut state = running(now);
-        state.rollout = RolloutState::Manual;
-        let mut memory = PlanMemory::default();
-        decide(
-            &state,
-            &mut memory,
-            &evaluation(Some(0.5)),
-            &config,
-            now,
-            true,
-            None,
-        );
-        assert!(
-            decide(
-                &state,
-                &mut memory,
-                &evaluation(Some(0.5)),
-                &config,
-                now,
-                true,
-                None
-            )
-            .is_empty()
-        );
+        let mut plan = Plan::running("");
+        plan.state.rollout = RolloutState::Manual;
+        plan.decide(Some(0.5));
+        assert!(plan.decide(Some(0.5)).is_empty());
     }
 }

@@ -1131,6 +1131,7 @@ pub fn shared_pair() -> &'static ClusterPair {
         Err(msg) => panic!("shared blue/green pair failed to start: {msg}"),
     }
 }
+pub mod certs;
 pub mod faults;
 pub mod pgshift;
 pub mod wire;

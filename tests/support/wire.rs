@@ -1,10 +1,11 @@
 //! A raw protocol client for tests that must see or send exact bytes: startup packets,
-//! cancel requests, reading whole backend messages with a timeout, and taking apart what a
-//! server said (ErrorResponse fields, a closed stream's bytes).
+//! cancel requests, reading whole backend messages with a timeout (from TCP or any other
+//! stream, TLS too), and taking apart what a server said (ErrorResponse fields, a closed
+//! stream's bytes).
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -16,7 +17,7 @@ pub const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 47];
 pub const GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 48];
 /// A Terminate message.
 pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
-/// The longest message [`expect_message`] believes.
+/// The longest message [`expect_message`] and [`read_plausible_message`] believe.
 const PLAUSIBLE_LENGTH: usize = 1 << 20;
 
 /// A StartupMessage for protocol `major.minor` with `parameters`.
@@ -64,7 +65,10 @@ pub async fn connect(port: u16, wait: Duration) -> TcpStream {
 }
 
 /// Reads one typed message whose length word is at most `max_length`.
-async fn read_frame(stream: &mut TcpStream, max_length: usize) -> std::io::Result<(u8, Vec<u8>)> {
+async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    max_length: usize,
+) -> std::io::Result<(u8, Vec<u8>)> {
     let mut header = [0u8; 5];
     stream.read_exact(&mut header).await?;
     let length = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
@@ -85,6 +89,18 @@ async fn read_frame(stream: &mut TcpStream, max_length: usize) -> std::io::Resul
 /// Reads one typed message (tag, body); `None` on EOF or after `wait`.
 pub async fn read_message(stream: &mut TcpStream, wait: Duration) -> Option<(u8, Vec<u8>)> {
     tokio::time::timeout(wait, read_frame(stream, usize::MAX))
+        .await
+        .ok()?
+        .ok()
+}
+
+/// Reads one typed message (tag, body) from any stream (TLS too); `None` on EOF, on an
+/// error, on a length over 1 MiB, or after `wait`.
+pub async fn read_plausible_message<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    wait: Duration,
+) -> Option<(u8, Vec<u8>)> {
+    tokio::time::timeout(wait, read_frame(stream, PLAUSIBLE_LENGTH))
         .await
         .ok()?
         .ok()
