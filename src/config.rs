@@ -928,11 +928,11 @@ impl Config {
                     .to_string(),
             ),
             CutoverMode::Transparent => lines.push(format!(
-                "[cutover] transparent: sessions move live (freeze up to {}, catch-up {}, then {}; refused while a transaction is older than {})",
+                "[cutover] transparent: promote passes the cutover guardrails first (replication and marker ready, no transaction older than {}, no prepared transaction, no foreign client on blue); the live session move (freeze up to {}, catch-up {}, then {}) is not in this build yet: promote then closes blue's sessions at idle points, as drain does",
+                format_duration(cutover.max_txn_age),
                 format_duration(cutover.freeze_timeout),
                 format_duration(cutover.catchup_timeout),
                 cutover.on_timeout,
-                format_duration(cutover.max_txn_age),
             )),
         }
         if cutover.sync_sequences {
@@ -1645,6 +1645,17 @@ fn read_cutover(mut section: TableReader<'_>) -> CutoverConfig {
         })
         .unwrap_or_default();
     let dsn = section.string("dsn");
+    if let Some(text) = &dsn
+        && let Err(error) = crate::auth::dsn::parse(text)
+    {
+        section.report("dsn", error);
+    }
+    if mode == CutoverMode::Transparent && !section.known_and_written("dsn") {
+        section.report(
+            "dsn",
+            "\"transparent\" needs a dsn (user=... dbname=... passfile=...): pgshift writes the catch-up marker and reads each color's catalogs with it",
+        );
+    }
     let reverse_slot =
         section
             .string("reverse_slot")
@@ -2977,14 +2988,20 @@ action = "warn"
     fn cross_section_rules() {
         assert_eq!(
             problem_keys(&with_minimal("[cutover]\nmode = \"transparent\"\n")),
-            vec!["cutover.mode"]
+            vec!["cutover.dsn", "cutover.mode"]
+        );
+        assert_eq!(
+            problem_keys(&with_minimal(
+                "[cutover]\ndsn = \"user=a host=db1\"\nmode = \"drain\"\n"
+            )),
+            vec!["cutover.dsn"]
         );
         assert_eq!(
             problem_keys(&with_minimal("[auth]\nmode = \"scram\"\n")),
             vec!["auth.mode"]
         );
         let config = parse_ok(&with_minimal(
-            "[auth]\nmode = \"scram\"\nuserlist = \"users.txt\"\n[cutover]\nmode = \"transparent\"\n",
+            "[auth]\nmode = \"scram\"\nuserlist = \"users.txt\"\n[cutover]\nmode = \"transparent\"\ndsn = \"user=pgshift_cutover dbname=app\"\n",
         ));
         assert_eq!(
             config.auth.userlist,

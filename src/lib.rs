@@ -11,6 +11,8 @@
 //! - [`telemetry`]: `/metrics` (Prometheus, the stats read at scrape time) and `/healthz`.
 //! - [`controller`]: the one writer of routing state (weight, pins, drains), its state
 //!   store, its decisions and the `status` reply.
+//! - [`cutover`]: the transparent cutover's setup checks (`pgshift cutover-setup`) and the
+//!   guardrails a promote passes.
 //! - [`admin`]: the Unix admin socket and the `pgshift ctl` client.
 //! - [`server`]: all of the above started and stopped together.
 //! - [`probe`]: `pgshift probe`, sessions that rehearse a migration and report what
@@ -27,6 +29,7 @@ pub mod auth;
 pub mod color;
 pub mod config;
 pub mod controller;
+pub mod cutover;
 pub mod demo;
 pub mod log_limit;
 pub mod probe;

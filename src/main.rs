@@ -46,6 +46,9 @@ enum Command {
     /// Rehearse a migration: many sessions writing and reading; errors, stalls and missing
     /// acknowledged writes reported.
     Probe(pgshift::probe::ProbeArgs),
+    /// Create (or print) what a transparent cutover needs on both colors: the marker table,
+    /// its publication membership, the subscription refresh.
+    CutoverSetup(pgshift::cutover::SetupArgs),
     /// Run a one-command demo on this machine: two throwaway clusters, a broken rollout rolled
     /// back, a healthy one promoted.
     Demo(pgshift::demo::DemoArgs),
@@ -59,7 +62,7 @@ enum LogFormat {
 
 /// Config sections this build puts to work; the others are accepted and reported as inactive.
 const ACTIVE_SECTIONS: &[&str] = &[
-    "listen", "admin", "metrics", "blue", "green", "routing", "rollout", "auth",
+    "listen", "admin", "metrics", "blue", "green", "routing", "rollout", "auth", "cutover",
 ];
 
 /// `pgshift ctl`'s exit code for a usage error (sysexits' EX_USAGE).
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         Command::Ctl(args) => run_ctl(args),
         Command::Probe(args) => pgshift::probe::run_probe(args),
         Command::Demo(args) => pgshift::demo::run_demo(args),
+        Command::CutoverSetup(args) => pgshift::cutover::run_setup(args),
     }
 }
 
@@ -153,6 +157,22 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(error) => {
             eprintln!("{error}");
             return ExitCode::FAILURE;
+        }
+    }
+    // [cutover] transparent: replication and the marker table, read from both colors.
+    if config.cutover.mode == pgshift::config::CutoverMode::Transparent {
+        let backends = tls.backends.clone();
+        let config = std::sync::Arc::new(config.clone());
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => {
+                for line in runtime.block_on(pgshift::cutover::readiness(config, backends)) {
+                    println!("{line}");
+                }
+            }
+            Err(error) => println!("warning: [cutover] cannot check replication: {error}"),
         }
     }
     for warning in config.warnings().iter().chain(&tls.warnings) {

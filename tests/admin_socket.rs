@@ -656,7 +656,10 @@ async fn ctl_prints_status_as_a_table_and_summaries_for_the_rest() {
         vec![
             Command::Status,
             Command::Weight { basis_points: 4000 },
-            Command::Promote { check_only: true },
+            Command::Promote {
+                check_only: true,
+                force: false
+            },
         ]
     );
     server.shutdown().await;

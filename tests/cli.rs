@@ -15,7 +15,7 @@ fn example_config() -> String {
 }
 
 #[test]
-fn check_accepts_the_example_and_says_what_is_not_active_yet() {
+fn check_accepts_the_example_and_says_what_each_section_does() {
     let output = pgshift(&["check", "--config", &example_config()]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
@@ -25,7 +25,8 @@ fn check_accepts_the_example_and_says_what_is_not_active_yet() {
     );
     assert!(stdout.contains("127.0.0.1:7432"), "{stdout}");
     assert!(
-        stdout.contains("[cutover] accepted but not active yet"),
+        stdout.contains("[cutover] drain: promote / rollback close the losing color's sessions")
+            && !stdout.contains("not active yet"),
         "{stdout}"
     );
     assert!(

@@ -63,7 +63,16 @@ pub fn format_command(command: &Command) -> String {
             let percent = crate::config::format_percent(*basis_points);
             format!("weight {}", percent.trim_end_matches('%'))
         }
-        Command::Promote { check_only: true } => "promote --check".to_string(),
+        Command::Promote { check_only, force } => {
+            let mut text = "promote".to_string();
+            if *check_only {
+                text.push_str(" --check");
+            }
+            if *force {
+                text.push_str(" --force");
+            }
+            text
+        }
         Command::Rollback {
             reason: Some(reason),
         } => format!("rollback {reason}"),
@@ -179,17 +188,27 @@ fn parse_rollout(arguments: &[&str]) -> Result<Command, String> {
 }
 
 fn parse_promote(arguments: &[&str]) -> Result<Command, String> {
-    match arguments {
-        [] => Ok(Command::Promote { check_only: false }),
-        ["--check"] => Ok(Command::Promote { check_only: true }),
-        [option] => Err(format!(
-            "unknown promote option {option:?}; the only one is --check"
-        )),
-        _ => Err(format!(
-            "promote takes at most --check, found {}",
-            quote_all(arguments)
-        )),
+    let mut check_only = false;
+    let mut force = false;
+    for argument in arguments {
+        let flag = match *argument {
+            "--check" => &mut check_only,
+            "--force" => &mut force,
+            option => {
+                return Err(format!(
+                    "unknown promote option {option:?}; the options are --check and --force"
+                ));
+            }
+        };
+        if *flag {
+            return Err(format!(
+                "promote takes --check and --force at most once each, found {}",
+                quote_all(arguments)
+            ));
+        }
+        *flag = true;
     }
+    Ok(Command::Promote { check_only, force })
 }
 
 fn parse_cutover(arguments: &[&str]) -> Result<Command, String> {
@@ -368,13 +387,33 @@ mod tests {
 
     #[test]
     fn promote_and_cutover() {
-        assert_eq!(parsed("promote"), Command::Promote { check_only: false });
+        assert_eq!(
+            parsed("promote"),
+            Command::Promote {
+                check_only: false,
+                force: false
+            }
+        );
         assert_eq!(
             parsed("promote --check"),
-            Command::Promote { check_only: true }
+            Command::Promote {
+                check_only: true,
+                force: false
+            }
         );
-        assert!(refused("promote --force").contains("unknown promote option \"--force\""));
-        assert!(refused("promote --check --check").contains("at most --check"));
+        assert_eq!(
+            parsed("promote --force --check"),
+            Command::Promote {
+                check_only: true,
+                force: true
+            }
+        );
+        assert_eq!(
+            format_command(&parsed("promote --force --check")),
+            "promote --check --force"
+        );
+        assert!(refused("promote --now").contains("unknown promote option \"--now\""));
+        assert!(refused("promote --check --check").contains("at most once each"));
         assert_eq!(parsed("cutover abort"), Command::CutoverAbort);
         assert!(refused("cutover").contains("cutover abort"));
         assert!(refused("cutover start").contains("unknown cutover action \"start\""));
@@ -475,8 +514,14 @@ mod tests {
             Command::RolloutPause,
             Command::RolloutResume,
             Command::RolloutEvaluate,
-            Command::Promote { check_only: false },
-            Command::Promote { check_only: true },
+            Command::Promote {
+                check_only: false,
+                force: false,
+            },
+            Command::Promote {
+                check_only: true,
+                force: false,
+            },
             Command::CutoverAbort,
             Command::Rollback { reason: None },
             Command::Rollback {

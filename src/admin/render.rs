@@ -420,7 +420,13 @@ mod tests {
             json!({"check": "passed", "checks": ["green is not draining", "lag 0"], "skipped": []}),
         );
         assert_eq!(
-            summarize(&Command::Promote { check_only: true }, &reply),
+            summarize(
+                &Command::Promote {
+                    check_only: true,
+                    force: false
+                },
+                &reply
+            ),
             "ok: check: passed, checks: green is not draining, lag 0, skipped: none"
         );
         let reply = object(json!({"nested": {"a": 1}}));

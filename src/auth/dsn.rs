@@ -1,13 +1,22 @@
-//! `[auth] auth_dsn`: a libpq key=value connection string without host and port (those come
-//! from `[blue]` / `[green]`, so `auth_query` runs against each color), plus the libpq keys
-//! tokio-postgres does not know and pgshift handles itself: `passfile` (a `.pgpass` file,
-//! looked up with each color's host and port) and `sslmode` (`disable`, `prefer`, `require`,
-//! `verify-ca`, `verify-full`; by default the color's own `tls`).
+//! The connection strings pgshift itself uses to reach each color — `[auth] auth_dsn` and
+//! `[cutover] dsn`: libpq key=value without host and port (those come from `[blue]` /
+//! `[green]`, so the same string reaches either color), plus the libpq keys tokio-postgres does
+//! not know and pgshift handles itself: `passfile` (a `.pgpass` file, looked up with each
+//! color's host and port) and `sslmode` (`disable`, `prefer`, `require`, `verify-ca`,
+//! `verify-full`; by default the color's own `tls`).
 //!
-//! Parsing only (the passfile is read by [`password_from_passfile`] at connect time); the
-//! connection string is never echoed in errors, since it may hold a password.
+//! [`parse`] is pure (the passfile is read by [`password_from_passfile`] at connect time);
+//! [`connect`] opens one connection to one color. The connection string is never echoed in
+//! errors, since it may hold a password.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::ClientConfig;
+
+use crate::color::Color;
+use crate::config::{BackendConfig, BackendTlsMode};
+use crate::tls;
 
 /// `sslmode` of the auth connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +112,7 @@ pub fn parse(dsn: &str) -> Result<AuthDsn, String> {
         match key.as_str() {
             "host" | "hostaddr" | "port" => {
                 return Err(format!(
-                    "\"{key}\" is not allowed: host and port come from [blue] / [green], so auth_query runs on each color"
+                    "\"{key}\" is not allowed: host and port come from [blue] / [green], so the same string reaches each color"
                 ));
             }
             "passfile" => passfile = Some(PathBuf::from(value)),
@@ -129,13 +138,108 @@ pub fn parse(dsn: &str) -> Result<AuthDsn, String> {
         format!("{error}")
     })?;
     if config.get_user().is_none() {
-        return Err("needs user=... (the role auth_query runs as)".to_string());
+        return Err("needs user=... (the role pgshift connects as)".to_string());
     }
     Ok(AuthDsn {
         config,
         passfile,
         sslmode,
     })
+}
+
+/// Where [`connect`] goes: one color, its TLS config when its `tls` is on, and the database
+/// (the DSN's own `dbname` when `None`).
+pub struct ColorTarget<'a> {
+    pub color: Color,
+    pub backend: &'a BackendConfig,
+    pub backend_tls: Option<Arc<ClientConfig>>,
+    pub database: Option<&'a str>,
+    pub application_name: &'a str,
+}
+
+/// Opens a connection to one color with `dsn` (passfile and sslmode applied), within the
+/// color's `connect_timeout`; the connection's driver task is spawned.
+pub async fn connect(
+    dsn: &AuthDsn,
+    target: ColorTarget<'_>,
+) -> Result<tokio_postgres::Client, String> {
+    let backend = target.backend;
+    let mut pg = dsn.config.clone();
+    pg.host(&backend.host)
+        .port(backend.port)
+        .connect_timeout(backend.connect_timeout);
+    if let Some(database) = target.database {
+        pg.dbname(database);
+    }
+    if pg.get_application_name().is_none() {
+        pg.application_name(target.application_name);
+    }
+    if pg.get_password().is_none()
+        && let Some(passfile) = &dsn.passfile
+    {
+        let user = pg.get_user().unwrap_or_default().to_string();
+        let database = pg.get_dbname().unwrap_or(&user).to_string();
+        if let Some(password) =
+            read_passfile(passfile, &backend.host, backend.port, &database, &user)?
+        {
+            pg.password(password);
+        }
+    }
+    let mode = dsn.sslmode.unwrap_or(match backend.tls {
+        BackendTlsMode::Disable => AuthSslMode::Disable,
+        BackendTlsMode::Prefer => AuthSslMode::Prefer,
+        BackendTlsMode::Require => AuthSslMode::Require,
+        BackendTlsMode::VerifyFull => AuthSslMode::Verify,
+    });
+    let color = target.color;
+    let connect = async {
+        match mode {
+            AuthSslMode::Disable => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                let (client, connection) = pg
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|error| error_text(&error))?;
+                tokio::spawn(connection);
+                Ok(client)
+            }
+            mode => {
+                let rustls = match (target.backend_tls, mode) {
+                    (Some(config), _) => config,
+                    (None, AuthSslMode::Verify) => {
+                        return Err(format!(
+                            "sslmode verify-ca / verify-full needs [{color}] tls with a ca_file"
+                        ));
+                    }
+                    (None, _) => tls::encrypt_only_client_config()?,
+                };
+                pg.ssl_mode(if mode == AuthSslMode::Prefer {
+                    tokio_postgres::config::SslMode::Prefer
+                } else {
+                    tokio_postgres::config::SslMode::Require
+                });
+                let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*rustls).clone());
+                let (client, connection) = pg
+                    .connect(connector)
+                    .await
+                    .map_err(|error| error_text(&error))?;
+                tokio::spawn(connection);
+                Ok(client)
+            }
+        }
+    };
+    let timeout = backend.connect_timeout;
+    tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| format!("could not connect to {color} within {timeout:?}"))?
+}
+
+/// A tokio-postgres error with its server message and SQLSTATE, when there is one.
+pub fn error_text(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
 }
 
 /// Splits one `.pgpass` line into its five fields (`\:` and `\\` escaped).

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Statement;
 
-use super::dsn::{self, AuthSslMode};
+use super::dsn::{self, error_text};
 use super::scram::ScramVerifier;
 use crate::color::Color;
-use crate::config::{BackendTlsMode, Config};
-use crate::tls::{self, TlsState};
+use crate::config::Config;
+use crate::tls::TlsState;
 
 /// Negative answers (no such login role) cached at most.
 pub const MAX_CACHED_MISSING: usize = 10_000;
@@ -402,14 +402,6 @@ impl Verifiers {
     }
 }
 
-/// A tokio-postgres error with its server message, when there is one.
-fn error_text(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => error.to_string(),
-    }
-}
-
 /// The secret in `auth_query`'s answer: no row (or a NULL user name) is no login role.
 fn secret_of(rows: &[tokio_postgres::Row]) -> Result<RoleSecret, String> {
     let Some(row) = rows.first() else {
@@ -444,79 +436,26 @@ async fn open_connection(
         .ok_or("no [auth] auth_dsn")?;
     let dsn = dsn::parse(dsn_text).map_err(|error| format!("auth_dsn: {error}"))?;
     let backend = config.backend(color);
-    let mut pg = dsn.config.clone();
-    pg.host(&backend.host)
-        .port(backend.port)
-        .connect_timeout(backend.connect_timeout);
-    if pg.get_application_name().is_none() {
-        pg.application_name("pgshift auth_query");
-    }
-    if pg.get_password().is_none()
-        && let Some(passfile) = &dsn.passfile
-    {
-        let user = pg.get_user().unwrap_or_default().to_string();
-        let database = pg.get_dbname().unwrap_or(&user).to_string();
-        if let Some(password) =
-            dsn::read_passfile(passfile, &backend.host, backend.port, &database, &user)?
-        {
-            pg.password(password);
-        }
-    }
-    let mode = dsn.sslmode.unwrap_or(match backend.tls {
-        BackendTlsMode::Disable => AuthSslMode::Disable,
-        BackendTlsMode::Prefer => AuthSslMode::Prefer,
-        BackendTlsMode::Require => AuthSslMode::Require,
-        BackendTlsMode::VerifyFull => AuthSslMode::Verify,
-    });
-    let timeout = backend.connect_timeout;
-    let connect = async {
-        let client = match mode {
-            AuthSslMode::Disable => {
-                pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                let (client, connection) = pg
-                    .connect(tokio_postgres::NoTls)
-                    .await
-                    .map_err(|error| error_text(&error))?;
-                tokio::spawn(connection);
-                client
-            }
-            mode => {
-                let rustls = match (sources.tls.backend(color), mode) {
-                    (Some(config), _) => config,
-                    (None, AuthSslMode::Verify) => {
-                        return Err(format!(
-                            "auth_dsn sslmode verify-ca / verify-full needs [{color}] tls with a ca_file"
-                        ));
-                    }
-                    (None, _) => tls::encrypt_only_client_config()?,
-                };
-                pg.ssl_mode(if mode == AuthSslMode::Prefer {
-                    tokio_postgres::config::SslMode::Prefer
-                } else {
-                    tokio_postgres::config::SslMode::Require
-                });
-                let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*rustls).clone());
-                let (client, connection) = pg
-                    .connect(connector)
-                    .await
-                    .map_err(|error| error_text(&error))?;
-                tokio::spawn(connection);
-                client
-            }
-        };
-        let lookup = client
-            .prepare(&config.auth.auth_query)
-            .await
-            .map_err(|error| format!("cannot prepare auth_query: {}", error_text(&error)))?;
-        Ok::<_, String>(AuthConnection {
-            client,
-            identity,
-            lookup,
-        })
+    let target = dsn::ColorTarget {
+        color,
+        backend,
+        backend_tls: sources.tls.backend(color),
+        database: None,
+        application_name: "pgshift auth_query",
     };
-    tokio::time::timeout(timeout, connect)
+    let client = dsn::connect(&dsn, target)
         .await
-        .map_err(|_| format!("could not connect within {timeout:?}"))?
+        .map_err(|error| error.replace("sslmode verify", "auth_dsn sslmode verify"))?;
+    let timeout = backend.connect_timeout;
+    let lookup = tokio::time::timeout(timeout, client.prepare(&config.auth.auth_query))
+        .await
+        .map_err(|_| format!("auth_query not prepared within {timeout:?}"))?
+        .map_err(|error| format!("cannot prepare auth_query: {}", error_text(&error)))?;
+    Ok(AuthConnection {
+        client,
+        identity,
+        lookup,
+    })
 }
 
 /// For tests and diagnostics.

@@ -49,9 +49,11 @@ pub enum Command {
     RolloutResume,
     /// Evaluate the triggers now and act on the verdict, as the periodic evaluation would.
     RolloutEvaluate,
-    /// Green takes 100 %; `check_only` runs the guardrails and changes nothing.
+    /// Green takes 100 %; `check_only` runs the guardrails and changes nothing; `force` lets
+    /// the transparent cutover through with client backends on blue that pgshift does not own.
     Promote {
         check_only: bool,
+        force: bool,
     },
     CutoverAbort,
     /// Green takes 0 %.

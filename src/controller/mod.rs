@@ -61,7 +61,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::{Map, Value, json};
 
 use crate::color::Color;
-use crate::config::Config;
+use crate::config::{Config, CutoverMode};
+use crate::cutover::guardrails::GuardReport;
 use crate::proxy::Shared;
 use crate::proxy::registry::{CloseOrder, CloseReason};
 use crate::rollout::lag::{self, LagReading};
@@ -180,25 +181,59 @@ impl Controller {
             tokio::select! {
                 request = requests.recv() => {
                     let Some(request) = request else { return };
-                    // The verifier gate is async (it re-fetches every login role on both
-                    // colors); it runs before the command so the controller stays the one writer.
-                    let gate = match &request.command {
-                        Command::RolloutStart => Some("rollout start"),
-                        Command::Promote { check_only: false } => Some("promote"),
-                        _ => None,
-                    };
-                    let refused = match gate {
-                        Some(verb) => crate::auth::verifiers_gate(&self.shared, verb).await.err(),
-                        None => None,
-                    };
-                    let reply = match refused {
-                        Some(refusal) => Err(refusal),
-                        None => self.handle(request.command, &request.actor),
-                    };
+                    let reply = self.gate_and_handle(request.command, &request.actor).await;
                     let _ = request.reply.send(reply);
                 }
                 _ = ticks.tick() => self.tick(Instant::now()),
             }
+        }
+    }
+
+    /// The async gates, then the command. The verifier gate re-fetches every login role on
+    /// both colors, and a transparent cutover's guardrails read both colors' catalogs; they
+    /// run here, before the command, so the controller stays the one writer.
+    async fn gate_and_handle(&mut self, command: Command, actor: &Actor) -> Reply {
+        let transparent = self.shared.config.load().cutover.mode == CutoverMode::Transparent;
+        match command {
+            Command::RolloutStart => {
+                crate::auth::verifiers_gate(&self.shared, "rollout start").await?;
+                self.handle(command, actor)
+            }
+            Command::Promote { check_only, force } => {
+                let verb = if check_only {
+                    "promote --check"
+                } else {
+                    "promote"
+                };
+                crate::auth::verifiers_gate(&self.shared, verb).await?;
+                let guardrails = if transparent {
+                    Some(
+                        crate::cutover::promote_guardrails(&self.shared, Color::Green, force).await,
+                    )
+                } else {
+                    None
+                };
+                if check_only {
+                    return self.promote_check(guardrails.as_ref());
+                }
+                if let Some(report) = &guardrails
+                    && report.refused()
+                {
+                    return Err(format!(
+                        "promote refused by the cutover guardrails (nothing changed):\n  {}",
+                        report.refusals.join("\n  ")
+                    ));
+                }
+                let mut reply = self.handle(command, actor)?;
+                if let Some(report) = guardrails {
+                    reply.insert("guardrails".into(), json!(report.passed));
+                    if !report.overridden.is_empty() {
+                        reply.insert("overridden".into(), json!(report.overridden));
+                    }
+                }
+                Ok(reply)
+            }
+            command => self.handle(command, actor),
         }
     }
 
@@ -209,7 +244,6 @@ impl Controller {
                 Ok(self.status())
             }
             Command::Reload => self.reload(actor),
-            Command::Promote { check_only: true } => self.promote_check(),
             Command::RolloutNext => self.rollout_next(actor),
             Command::RolloutEvaluate => {
                 let (evaluation, actions) = self.evaluate_and_act(Instant::now());
@@ -226,7 +260,7 @@ impl Controller {
             }
             command => {
                 let now = Instant::now();
-                if let Command::Promote { check_only: false } = command
+                if let Command::Promote { .. } = command
                     && let Some(reason) = self.lag_blocks(now)
                 {
                     return Err(format!("promote refused: {reason}"));
@@ -476,20 +510,43 @@ impl Controller {
         Ok(reply)
     }
 
-    fn promote_check(&self) -> Reply {
+    /// `promote --check`: every guardrail promote applies, nothing changed.
+    fn promote_check(&self, guardrails: Option<&GuardReport>) -> Reply {
         let mut checks = Vec::new();
+        if self.shared.config.load().auth.mode == crate::config::AuthMode::Scram {
+            checks.push("green's login secrets match blue's".to_string());
+        }
         let mut failures = Vec::new();
         if self.state.draining[Color::Green.index()] {
             failures.push("green is draining".to_string());
         } else {
             checks.push("green is not draining".to_string());
         }
+        match self.lag_blocks(Instant::now()) {
+            Some(reason) => failures.push(reason),
+            None if self.shared.config.load().rollout.max_lag.is_some() => {
+                checks.push("replication lag is below max_lag".to_string());
+            }
+            None => {}
+        }
+        let mut overridden = Vec::new();
+        if let Some(report) = guardrails {
+            checks.extend(report.passed.iter().cloned());
+            failures.extend(report.refusals.iter().cloned());
+            overridden.extend(report.overridden.iter().cloned());
+        }
         if !failures.is_empty() {
-            return Err(format!("promote would be refused: {}", failures.join("; ")));
+            return Err(format!(
+                "promote would be refused:\n  {}",
+                failures.join("\n  ")
+            ));
         }
         let mut reply = Map::new();
         reply.insert("check".into(), json!("passed"));
         reply.insert("checks".into(), json!(checks));
+        if !overridden.is_empty() {
+            reply.insert("overridden".into(), json!(overridden));
+        }
         Ok(reply)
     }
 

@@ -140,7 +140,9 @@ pub fn apply(
             }
             text
         }
-        Command::Promote { check_only: false } => return promote(state, config),
+        Command::Promote {
+            check_only: false, ..
+        } => return promote(state, config),
         Command::Rollback { reason } => {
             if state.draining[Color::Blue.index()] {
                 return Err("blue is draining; `undrain blue` before rolling back to it".into());
@@ -259,7 +261,9 @@ pub fn apply(
         }
         Command::Status
         | Command::Reload
-        | Command::Promote { check_only: true }
+        | Command::Promote {
+            check_only: true, ..
+        }
         | Command::RolloutNext
         | Command::RolloutEvaluate => {
             return Err(format!("`{}` changes no routing state", command.verb()));
@@ -475,7 +479,10 @@ mod tests {
         let state = RoutingState::from_config(&config);
         let promoted = apply(
             &state,
-            &Command::Promote { check_only: false },
+            &Command::Promote {
+                check_only: false,
+                force: false,
+            },
             &config,
             Instant::now(),
         )
@@ -517,7 +524,10 @@ mod tests {
         let no_drain = self::config("[rollout]\ndrain_on_switch = false");
         let promoted = apply(
             &state,
-            &Command::Promote { check_only: false },
+            &Command::Promote {
+                check_only: false,
+                force: false,
+            },
             &no_drain,
             Instant::now(),
         )

@@ -163,7 +163,7 @@ pub fn judge_replication(
 }
 
 /// `pg_subscription_rel.srsubstate` in words.
-fn describe_state(state: char) -> &'static str {
+pub fn describe_state(state: char) -> &'static str {
     match state {
         'i' => "initialize",
         'd' => "data is being copied",

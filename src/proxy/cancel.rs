@@ -70,6 +70,15 @@ impl CancelTable {
         self.lock().remove(&(pid, secret.clone()));
     }
 
+    /// The backend PIDs of the sessions whose backend is on `color`.
+    pub fn backend_pids(&self, color: Color) -> std::collections::HashSet<i32> {
+        self.lock()
+            .values()
+            .filter(|target| target.color == color)
+            .map(|target| target.backend_pid)
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }
