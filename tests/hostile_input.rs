@@ -26,7 +26,7 @@ use proptest::prelude::*;
 use support::pgshift::{TestProxy, sqlstate};
 use support::wire::{
     cancel_packet, error_field, expect_message, message, raw_error, read_until_closed,
-    split_messages, startup_packet,
+    split_messages,
 };
 use support::{BULK_USER, shared_pair};
 use tokio::io::AsyncWriteExt;
@@ -407,22 +407,7 @@ proptest! {
 
 /// A raw, logged-in session of the trusted bulk user (up to its first ReadyForQuery).
 async fn raw_session(port: u16) -> tokio::net::TcpStream {
-    let mut stream = support::wire::connect(port, PROMPT).await;
-    stream
-        .write_all(&startup_packet(
-            3,
-            0,
-            &[("user", BULK_USER), ("database", "app")],
-        ))
-        .await
-        .expect("send startup");
-    loop {
-        let (tag, body) = expect_message(&mut stream, PROMPT).await;
-        assert_ne!(tag, b'E', "login failed: {:?}", error_field(&body, b'M'));
-        if tag == b'Z' {
-            return stream;
-        }
-    }
+    support::wire::logged_in_session(port, BULK_USER, PROMPT).await
 }
 
 /// Reads to the close and expects exactly one FATAL ErrorResponse with `sqlstate`.

@@ -106,6 +106,27 @@ pub async fn read_plausible_message<S: AsyncRead + Unpin>(
         .ok()
 }
 
+/// A raw session of `user` in database `app` on `port` (a cluster or pgshift), logged in
+/// without a password (a trusted user) and read up to its first ReadyForQuery.
+pub async fn logged_in_session(port: u16, user: &str, wait: Duration) -> TcpStream {
+    let mut stream = connect(port, wait).await;
+    stream
+        .write_all(&startup_packet(
+            3,
+            0,
+            &[("user", user), ("database", "app")],
+        ))
+        .await
+        .expect("send startup");
+    loop {
+        let (tag, body) = expect_message(&mut stream, wait).await;
+        assert_ne!(tag, b'E', "login failed: {:?}", error_field(&body, b'M'));
+        if tag == b'Z' {
+            return stream;
+        }
+    }
+}
+
 /// Reads one typed message (tag, body); panics on EOF, after `wait`, or on a length over
 /// 1 MiB.
 pub async fn expect_message(stream: &mut TcpStream, wait: Duration) -> (u8, Vec<u8>) {
