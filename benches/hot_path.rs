@@ -321,6 +321,7 @@ fn cancel_lookup(c: &mut Criterion) {
         backend_secret: Bytes::from(vec![1, 2, 3, 4]),
         session_id: pid as u64,
         cancels_forwarded: Arc::default(),
+        held: Arc::default(),
     };
     // 1,000 open sessions.
     let keys: Vec<(i32, Bytes)> = (0..1_000)

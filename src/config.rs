@@ -928,7 +928,7 @@ impl Config {
                     .to_string(),
             ),
             CutoverMode::Transparent => lines.push(format!(
-                "[cutover] transparent: promote passes the cutover guardrails first (replication and marker ready, no transaction older than {}, no prepared transaction, no foreign client on blue); the live session move (freeze up to {}, catch-up {}, then {}) is not in this build yet: promote then closes blue's sessions at idle points, as drain does",
+                "[cutover] transparent: promote passes the guardrails (replication and marker ready, no transaction on blue older than {}, no prepared transaction, no foreign client on blue), then moves blue's sessions to green live (freeze up to {}, catch-up up to {}, then {} on timeout)",
                 format_duration(cutover.max_txn_age),
                 format_duration(cutover.freeze_timeout),
                 format_duration(cutover.catchup_timeout),

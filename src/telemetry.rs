@@ -153,6 +153,31 @@ fn describe_and_register() {
     }
 
     describe_gauge!(
+        "pgshift_cutover_freeze_seconds",
+        Unit::Seconds,
+        "The last transparent cutover's freeze: from holding new logins to every old-color session frozen"
+    );
+    describe_gauge!(
+        "pgshift_cutover_catchup_seconds",
+        Unit::Seconds,
+        "The last transparent cutover's catch-up: the marker written on the old color until seen on the new"
+    );
+    describe_counter!(
+        "pgshift_cutover_sessions_moved_total",
+        Unit::Count,
+        "Sessions a transparent cutover moved to the new color"
+    );
+    describe_counter!(
+        "pgshift_cutover_sessions_unmovable_total",
+        Unit::Count,
+        "Sessions a transparent cutover closed with 57P01 (state it cannot carry, or a transaction past freeze_timeout)"
+    );
+    gauge!("pgshift_cutover_freeze_seconds").increment(0.0);
+    gauge!("pgshift_cutover_catchup_seconds").increment(0.0);
+    counter!("pgshift_cutover_sessions_moved_total").increment(0);
+    counter!("pgshift_cutover_sessions_unmovable_total").increment(0);
+
+    describe_gauge!(
         "pgshift_client_sessions",
         Unit::Count,
         "Client sessions open now, by the color serving them"

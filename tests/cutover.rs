@@ -21,7 +21,10 @@ fn replicate_orders(pair: &ClusterPair) {
             "{table}; GRANT ALL ON public.orders TO {TEST_USER}; CREATE PUBLICATION shop_pub FOR TABLE public.orders"
         ),
     );
-    pair.green.psql_db(APP_DB, table);
+    pair.green.psql_db(
+        APP_DB,
+        &format!("{table}; GRANT ALL ON public.orders TO {TEST_USER}"),
+    );
     pair.green.psql_db(
         APP_DB,
         &format!(
@@ -186,21 +189,19 @@ fn cutover_setup_prints_applies_and_reports_ready() {
         let databases = pgshift::cutover::catalog::read_replication(&connections, forward)
             .await
             .expect("replication facts");
-        let took =
-            pgshift::cutover::catch_up(&connections, forward, &databases, Duration::from_secs(20))
+        let mut links =
+            pgshift::cutover::catalog::MarkerLinks::open(&connections, forward, &databases)
                 .await
-                .expect("caught up");
+                .expect("marker links");
+        let took = pgshift::cutover::catch_up(&mut links, Duration::from_secs(20))
+            .await
+            .expect("caught up");
         eprintln!("catch-up took {took:?}");
         pair.green
             .psql_db(APP_DB, "ALTER SUBSCRIPTION shop_sub DISABLE");
-        let error = pgshift::cutover::catch_up(
-            &connections,
-            forward,
-            &databases,
-            Duration::from_millis(500),
-        )
-        .await
-        .expect_err("no catch-up without replication");
+        let error = pgshift::cutover::catch_up(&mut links, Duration::from_millis(500))
+            .await
+            .expect_err("no catch-up without replication");
         assert!(
             error.contains("within 500ms for publication(s) shop_pub (database app)"),
             "{error}"
@@ -330,10 +331,7 @@ async fn guardrails_refuse_with_their_reasons_until_clear() {
     assert_eq!(applied.status.code(), Some(0), "{}", describe(&applied));
 
     // A session of this pgshift on blue is not foreign.
-    let (session, connection) = tokio_postgres::connect(&server.app_dsn(), tokio_postgres::NoTls)
-        .await
-        .expect("session through pgshift");
-    tokio::spawn(connection);
+    let session = connect(&server.app_dsn()).await;
     session.simple_query("SELECT 1").await.expect("query");
     let reply = server.admin("promote --check").await;
     assert_eq!(reply["check"], "passed", "{reply}");
@@ -348,13 +346,7 @@ async fn guardrails_refuse_with_their_reasons_until_clear() {
     }
 
     // A client of blue that is not this pgshift's: refused; --force lets it through.
-    let (foreign, connection) = tokio_postgres::connect(
-        &pair.blue.dsn(TEST_USER, Some(TEST_PASSWORD), APP_DB),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("direct connection to blue");
-    tokio::spawn(connection);
+    let foreign = connect(&pair.blue.dsn(TEST_USER, Some(TEST_PASSWORD), APP_DB)).await;
     foreign
         .simple_query("SET application_name = 'nightly_job'")
         .await
@@ -430,5 +422,496 @@ async fn guardrails_refuse_with_their_reasons_until_clear() {
     );
     assert_eq!(server.admin("status").await["green_weight"], 100.0);
     drop(session);
+    server.stop().await;
+}
+
+/// A replicated pair set up for a transparent cutover and a pgshift in front of it.
+async fn transparent_server(cutover_extra: &str) -> (ClusterPair, TestServer) {
+    let pair = tokio::task::spawn_blocking(|| {
+        let pair = ClusterPair::start_private();
+        replicate_orders(&pair);
+        pair
+    })
+    .await
+    .expect("pair");
+    let server = TestServer::start(
+        &pair,
+        &cutover_sections(&superuser_dsn(), cutover_extra),
+        "green_weight = 0",
+        None,
+    )
+    .await;
+    let config = server.config_path.to_str().expect("utf-8").to_string();
+    let applied =
+        tokio::task::spawn_blocking(move || pgshift(&["cutover-setup", "--config", &config]))
+            .await
+            .expect("cutover-setup");
+    assert_eq!(applied.status.code(), Some(0), "{}", describe(&applied));
+    (pair, server)
+}
+
+/// A client for `dsn`, its connection driven in the background.
+async fn connect(dsn: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|error| panic!("connect to {dsn}: {error}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// A session through pgshift.
+async fn session(server: &TestServer) -> tokio_postgres::Client {
+    connect(&server.app_dsn()).await
+}
+
+async fn server_port(client: &tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
+    let row = client.query_one("SELECT inet_server_port()", &[]).await?;
+    Ok(row.get(0))
+}
+
+/// Asserts that `client`'s session is served by `cluster` now.
+async fn assert_served_by(client: &tokio_postgres::Client, cluster: &support::Cluster) {
+    assert_eq!(
+        server_port(client).await.expect("server port"),
+        i32::from(cluster.port()),
+        "served by {}",
+        cluster.color_name()
+    );
+}
+
+/// Writers through pgshift: BEGIN, INSERT, COMMIT as separate requests, until told to stop.
+/// Returns (acknowledged ids, errors).
+fn start_writers(
+    server: &TestServer,
+    count: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<(Vec<String>, Vec<String>)>> {
+    (0..count)
+        .map(|writer| {
+            let dsn = server.app_dsn();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let client = connect(&dsn).await;
+                let mut acknowledged = Vec::new();
+                let mut errors = Vec::new();
+                let mut sequence = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    sequence += 1;
+                    let id = format!("00000000-0000-4000-8000-{writer:04}{sequence:08}");
+                    let attempt = async {
+                        client.batch_execute("BEGIN").await?;
+                        client
+                            .execute(
+                                "INSERT INTO orders VALUES ($1::text::uuid, 'written')",
+                                &[&id],
+                            )
+                            .await?;
+                        client.batch_execute("COMMIT").await
+                    };
+                    match attempt.await {
+                        Ok(()) => acknowledged.push(id),
+                        Err(error) => {
+                            errors.push(error.to_string());
+                            if client.is_closed() {
+                                break;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (acknowledged, errors)
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_moves_sessions_to_green_without_an_error_or_a_lost_write() {
+    let (pair, server) = transparent_server("").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = start_writers(&server, 8, stop.clone());
+
+    let settled = session(&server).await;
+    settled
+        .batch_execute("SET work_mem = '7MB'; SET application_name = 'carried'")
+        .await
+        .expect("set");
+    assert_served_by(&settled, &pair.blue).await;
+    let temporary = session(&server).await;
+    temporary
+        .batch_execute("CREATE TEMP TABLE scratch (x int)")
+        .await
+        .expect("temp table");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reply = server.admin("promote").await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let cutover = &reply["cutover"];
+    assert!(
+        cutover["sessions_moved"].as_u64().unwrap_or(0) >= 9,
+        "{reply}"
+    );
+    assert!(
+        cutover["sessions_unmovable"]
+            .to_string()
+            .contains("temporary table"),
+        "{reply}"
+    );
+    eprintln!("promote reply: {reply}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        let (ids, errors) = writer.await.expect("writer");
+        assert!(errors.is_empty(), "a writer saw errors: {errors:?}");
+        acknowledged.extend(ids);
+    }
+    assert!(acknowledged.len() > 50, "{} writes", acknowledged.len());
+
+    // The settled session is on green with its settings; the temp-table one was closed.
+    assert_served_by(&settled, &pair.green).await;
+    let row = settled
+        .query_one(
+            "SELECT current_setting('work_mem'), current_setting('application_name')",
+            &[],
+        )
+        .await
+        .expect("settings");
+    assert_eq!(row.get::<_, String>(0), "7MB");
+    assert_eq!(row.get::<_, String>(1), "carried");
+    let error = temporary
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("the temp-table session was closed");
+    assert!(
+        error.to_string().contains("could not follow") || temporary.is_closed(),
+        "{error}"
+    );
+
+    // Every acknowledged write is on green.
+    let found = pair.green.psql_db(
+        APP_DB,
+        &format!(
+            "SELECT count(*) FROM orders WHERE id IN ({})",
+            acknowledged
+                .iter()
+                .map(|id| format!("'{id}'"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    );
+    assert_eq!(
+        found,
+        acknowledged.len().to_string(),
+        "writes missing on green"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_past_freeze_timeout_aborts_the_cutover_and_nothing_is_lost() {
+    let (pair, server) = transparent_server("freeze_timeout = \"500ms\"").await;
+    let idle = session(&server).await;
+    let busy = session(&server).await;
+    busy.batch_execute("BEGIN; INSERT INTO orders VALUES (gen_random_uuid(), 'in flight')")
+        .await
+        .expect("open transaction");
+
+    let error = refusal(&server.admin("promote").await);
+    assert!(
+        error.contains("cutover aborted at freeze")
+            && error.contains("1 session(s) did not reach an idle point within freeze_timeout"),
+        "{error}"
+    );
+    let status = server.admin("status").await;
+    assert_eq!(status["green_weight"], 0.0, "{status}");
+    // Everyone resumed on blue: the open transaction commits, the idle session works.
+    busy.batch_execute("COMMIT")
+        .await
+        .expect("commit after the abort");
+    assert_served_by(&idle, &pair.blue).await;
+    assert_served_by(&busy, &pair.blue).await;
+    assert_eq!(
+        pair.blue.psql_db(
+            APP_DB,
+            "SELECT count(*) FROM orders WHERE note = 'in flight'"
+        ),
+        "1"
+    );
+    // New sessions were not held for good.
+    let late = session(&server).await;
+    assert_served_by(&late, &pair.blue).await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_on_timeout_terminate_only_the_straggler_is_ended() {
+    let (pair, server) =
+        transparent_server("freeze_timeout = \"500ms\"\non_timeout = \"terminate\"").await;
+    let idle = session(&server).await;
+    let busy = session(&server).await;
+    busy.batch_execute("BEGIN; INSERT INTO orders VALUES (gen_random_uuid(), 'rolled back')")
+        .await
+        .expect("open transaction");
+
+    let reply = server.admin("promote").await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["cutover"]["sessions_terminated"], 1, "{reply}");
+    let error = busy.batch_execute("COMMIT").await.expect_err("terminated");
+    assert!(
+        error
+            .to_string()
+            .contains("transaction exceeded freeze_timeout")
+            || busy.is_closed(),
+        "{error}"
+    );
+    assert_served_by(&idle, &pair.green).await;
+    assert_eq!(
+        pair.blue.psql_db(
+            APP_DB,
+            "SELECT count(*) FROM orders WHERE note = 'rolled back'"
+        ),
+        "0"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscription_times_out_the_catch_up_and_the_cutover_aborts() {
+    let (pair, server) = transparent_server("catchup_timeout = \"1s\"").await;
+    let idle = session(&server).await;
+    // The apply worker cannot write the marker while green's table is locked.
+    let locker = connect(&format!(
+        "host=127.0.0.1 port={} user={SUPERUSER} dbname={APP_DB}",
+        pair.green.port()
+    ))
+    .await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE pgshift.marker IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+
+    let error = refusal(&server.admin("promote").await);
+    assert!(
+        error.contains("cutover aborted at catch-up")
+            && error.contains("green did not show the catch-up marker within 1s"),
+        "{error}"
+    );
+    assert_eq!(server.admin("status").await["green_weight"], 0.0);
+    assert_served_by(&idle, &pair.blue).await;
+    locker.batch_execute("ROLLBACK").await.expect("unlock");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_moves_with_the_session_and_what_cannot_is_closed() {
+    use futures_util::StreamExt;
+    let (pair, server) = transparent_server("carry_gucs = [\"app.tenant_id\"]").await;
+    for cluster in pair.both() {
+        cluster.psql(&format!(
+            "CREATE ROLE reporter; GRANT reporter TO {TEST_USER}"
+        ));
+    }
+    let (client, mut connection) =
+        tokio_postgres::connect(&server.app_dsn(), tokio_postgres::NoTls)
+            .await
+            .expect("session");
+    let (notes, mut notifications) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notification(note)) => {
+                    let _ = notes.send((note.process_id(), note.payload().to_string()));
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    client
+        .batch_execute(
+            "SET search_path = shop, public; SET app.tenant_id = 'acme'; SET ROLE reporter; LISTEN jobs",
+        )
+        .await
+        .expect("session state");
+    let plus_one = client
+        .prepare("SELECT $1::int4 + 1")
+        .await
+        .expect("protocol-level prepare");
+    let login_pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let sql_prepared = session(&server).await;
+    sql_prepared
+        .batch_execute("PREPARE q AS SELECT 1")
+        .await
+        .expect("SQL PREPARE");
+
+    let reply = server.admin("promote").await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert!(
+        reply["cutover"]["sessions_unmovable"]
+            .to_string()
+            .contains("1 SQL-level PREPAREd statement(s)"),
+        "{reply}"
+    );
+
+    assert_served_by(&client, &pair.green).await;
+    let row = client
+        .query_one(
+            "SELECT current_setting('search_path'), current_setting('app.tenant_id'), current_user::text",
+            &[],
+        )
+        .await
+        .expect("state on green");
+    assert_eq!(row.get::<_, String>(0), "shop, public");
+    assert_eq!(row.get::<_, String>(1), "acme");
+    assert_eq!(row.get::<_, String>(2), "reporter");
+    let answer: i32 = client
+        .query_one(&plus_one, &[&41i32])
+        .await
+        .expect("the prepared statement on green")
+        .get(0);
+    assert_eq!(answer, 42);
+
+    // Its own NOTIFY comes back with the PID it logged in with; another green session's too.
+    client
+        .batch_execute("NOTIFY jobs, 'from itself'")
+        .await
+        .expect("notify");
+    let (pid, payload) = tokio::time::timeout(Duration::from_secs(5), notifications.recv())
+        .await
+        .expect("a notification")
+        .expect("open");
+    assert_eq!((pid, payload.as_str()), (login_pid, "from itself"));
+    pair.green.psql_db(APP_DB, "NOTIFY jobs, 'from green'");
+    let (_, payload) = tokio::time::timeout(Duration::from_secs(5), notifications.recv())
+        .await
+        .expect("a notification from green")
+        .expect("open");
+    assert_eq!(payload, "from green");
+
+    assert!(
+        sql_prepared.simple_query("SELECT 1").await.is_err(),
+        "the SQL PREPARE session was closed"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_prepared_straddling_the_cutover_fails_no_transaction() {
+    let (pair, server) = transparent_server("").await;
+    let script_dir = tempfile::tempdir().expect("temp dir");
+    let script = script_dir.path().join("orders.sql");
+    std::fs::write(
+        &script,
+        "INSERT INTO orders VALUES (gen_random_uuid(), 'pgbench');\nSELECT count(*) FROM orders WHERE note = 'none';\n",
+    )
+    .expect("script");
+    let pgbench = pair.blue.bin("pgbench");
+    let port = server.port;
+    let bench = tokio::task::spawn_blocking(move || {
+        Command::new(pgbench)
+            .args([
+                "-n", "-M", "prepared", "-c", "4", "-j", "2", "-T", "4", "-f",
+            ])
+            .arg(&script)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                TEST_USER,
+                APP_DB,
+            ])
+            .env("PGPASSWORD", TEST_PASSWORD)
+            .output()
+            .expect("run pgbench")
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reply = server.admin("promote").await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert!(
+        reply["cutover"]["sessions_moved"].as_u64().unwrap_or(0) >= 4,
+        "{reply}"
+    );
+    let output = bench.await.expect("pgbench");
+    let text = describe(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    let on_green: i64 = pair
+        .green
+        .psql_db(APP_DB, "SELECT count(*) FROM orders WHERE note = 'pgbench'")
+        .parse()
+        .expect("count");
+    let processed: i64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("number of transactions actually processed: "))
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|n| n.trim().parse().ok())
+        .expect("processed count");
+    assert_eq!(
+        on_green, processed,
+        "every pgbench insert is on green\n{text}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_held_by_the_freeze_can_be_cancelled_and_never_runs() {
+    let (pair, server) = transparent_server("freeze_timeout = \"5s\"").await;
+    let held = std::sync::Arc::new(session(&server).await);
+    let busy = session(&server).await;
+    busy.batch_execute("BEGIN; SELECT 1")
+        .await
+        .expect("a transaction that holds the freeze open");
+    let promote = {
+        let socket = server.socket_path();
+        tokio::spawn(async move { support::pgshift::admin_command(&socket, "promote").await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let insert = {
+        let held = held.clone();
+        tokio::spawn(async move {
+            held.simple_query("INSERT INTO orders VALUES (gen_random_uuid(), 'cancelled')")
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!insert.is_finished(), "the request is held while frozen");
+    held.cancel_token()
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel through pgshift");
+    let error = tokio::time::timeout(Duration::from_secs(5), insert)
+        .await
+        .expect("answered while still frozen")
+        .expect("task")
+        .expect_err("cancelled");
+    assert_eq!(
+        error.code().map(|code| code.code()),
+        Some("57014"),
+        "{error}"
+    );
+    busy.batch_execute("COMMIT").await.expect("commit");
+    let reply = promote.await.expect("promote");
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_served_by(&held, &pair.green).await;
+    for cluster in pair.both() {
+        assert_eq!(
+            cluster.psql_db(
+                APP_DB,
+                "SELECT count(*) FROM orders WHERE note = 'cancelled'"
+            ),
+            "0",
+            "the cancelled insert never ran on {}",
+            cluster.color_name()
+        );
+    }
     server.stop().await;
 }

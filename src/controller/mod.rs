@@ -224,13 +224,45 @@ impl Controller {
                         report.refusals.join("\n  ")
                     ));
                 }
+                let Some(report) = guardrails else {
+                    return self.handle(command, actor);
+                };
+                // Transparent: freeze and catch up, switch the routing, then move the sessions.
+                let shared = self.shared.clone();
+                let frozen = crate::cutover::procedure::freeze_and_catch_up(&shared, Color::Green)
+                    .await
+                    .map_err(|failure| {
+                        tracing::warn!("promote: {failure}");
+                        format!("promote refused: {failure}")
+                    })?;
+                // On a refused commit `frozen` is dropped: every session resumes on blue.
                 let mut reply = self.handle(command, actor)?;
-                if let Some(report) = guardrails {
-                    reply.insert("guardrails".into(), json!(report.passed));
-                    if !report.overridden.is_empty() {
-                        reply.insert("overridden".into(), json!(report.overridden));
-                    }
+                let outcome = frozen.commit().await;
+                tracing::info!(
+                    moved = outcome.moved,
+                    unmovable = outcome.unmovable.len(),
+                    terminated = outcome.terminated,
+                    freeze_ms = outcome.freeze.as_millis() as u64,
+                    catchup_ms = outcome.catchup.as_millis() as u64,
+                    stall_ms = outcome.stall.as_millis() as u64,
+                    "promote: transparent cutover done"
+                );
+                reply.insert("guardrails".into(), json!(report.passed));
+                if !report.overridden.is_empty() {
+                    reply.insert("overridden".into(), json!(report.overridden));
                 }
+                reply.insert(
+                    "cutover".into(),
+                    json!({
+                        "freeze_ms": millis(outcome.freeze),
+                        "catchup_ms": millis(outcome.catchup),
+                        "stall_ms": millis(outcome.stall),
+                        "sessions_moved": outcome.moved,
+                        "sessions_unmovable": outcome.unmovable,
+                        "sessions_terminated": outcome.terminated,
+                        "subscriptions": outcome.subscriptions,
+                    }),
+                );
                 Ok(reply)
             }
             command => self.handle(command, actor),
@@ -780,4 +812,9 @@ fn append_decision(path: &std::path::Path, decision: &Decision) {
 /// RFC 3339 with seconds, UTC.
 pub fn rfc3339(time: SystemTime) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
+}
+
+/// A duration in milliseconds with a tenth's precision, for replies.
+fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 10_000.0).round() / 10.0
 }

@@ -206,6 +206,23 @@ pub async fn apply(connections: &Connections, step: &SqlStep) -> Result<(), Stri
     })
 }
 
+/// `ALTER SUBSCRIPTION … DISABLE` on `color` in `database`.
+pub async fn disable_subscription(
+    connections: &Connections,
+    color: Color,
+    database: &str,
+    name: &str,
+) -> Result<(), String> {
+    let client = connections.connect(color, Some(database)).await?;
+    client
+        .batch_execute(&format!(
+            "ALTER SUBSCRIPTION {} DISABLE",
+            crate::probe::table::quote_identifier(name)
+        ))
+        .await
+        .map_err(|error| error_text(&error))
+}
+
 /// Whether the new color can take the sessions: recovery, connection slots.
 pub async fn read_health(client: &Client, color: Color) -> Result<ColorHealth, String> {
     let row = client
@@ -436,75 +453,110 @@ pub struct MarkerWrite {
     pub token: String,
 }
 
-/// Writes one marker row per publication in `databases` on the publisher (one transaction per
-/// database, committed before this returns).
-pub async fn write_markers(
-    connections: &Connections,
-    publisher: Color,
-    databases: &[DatabaseFacts],
-    token: &str,
-) -> Result<Vec<MarkerWrite>, String> {
-    let upsert = format!(
-        "INSERT INTO {MARKER_SCHEMA}.{MARKER_TABLE} (publication, token, written_at) VALUES ($1, $2, now()) \
-         ON CONFLICT (publication) DO UPDATE SET token = EXCLUDED.token, written_at = EXCLUDED.written_at"
-    );
-    let mut written = Vec::new();
-    for facts in databases {
-        let mut client = connections
-            .connect(publisher, Some(&facts.database))
-            .await?;
-        let transaction = client
-            .transaction()
-            .await
-            .map_err(|error| query_error(publisher, "a transaction for the marker", &error))?;
-        for publication in &facts.publications {
-            transaction
-                .execute(&upsert, &[&publication.name, &token])
-                .await
-                .map_err(|error| query_error(publisher, "the marker (write)", &error))?;
-            written.push(MarkerWrite {
-                database: facts.database.clone(),
-                publication: publication.name.clone(),
-                token: token.to_string(),
-            });
-        }
-        transaction
-            .commit()
-            .await
-            .map_err(|error| query_error(publisher, "the marker (commit)", &error))?;
-    }
-    Ok(written)
+/// The connections catch-up writes and reads its markers through, one pair per replicated
+/// database, opened before the freeze so that the freeze does not pay for them.
+pub struct MarkerLinks {
+    direction: Direction,
+    links: Vec<MarkerLink>,
 }
 
-/// The markers of `written` that the subscriber does not show yet.
-pub async fn markers_missing(
-    connections: &Connections,
-    subscriber: Color,
-    written: &[MarkerWrite],
-) -> Result<Vec<MarkerWrite>, String> {
-    let query = format!(
-        "SELECT EXISTS (SELECT 1 FROM {MARKER_SCHEMA}.{MARKER_TABLE} WHERE publication = $1 AND token = $2)"
-    );
-    let mut missing = Vec::new();
-    let mut current: Option<(String, Client)> = None;
-    for marker in written {
-        if current.as_ref().map(|(database, _)| database) != Some(&marker.database) {
-            let client = connections
-                .connect(subscriber, Some(&marker.database))
-                .await?;
-            current = Some((marker.database.clone(), client));
+struct MarkerLink {
+    database: String,
+    publications: Vec<String>,
+    publisher: Client,
+    subscriber: Client,
+}
+
+impl MarkerLinks {
+    /// Opens both connections of every database in `databases`.
+    pub async fn open(
+        connections: &Connections,
+        direction: Direction,
+        databases: &[DatabaseFacts],
+    ) -> Result<MarkerLinks, String> {
+        let mut links = Vec::new();
+        for facts in databases {
+            links.push(MarkerLink {
+                database: facts.database.clone(),
+                publications: facts.publications.iter().map(|p| p.name.clone()).collect(),
+                publisher: connections
+                    .connect(direction.publisher, Some(&facts.database))
+                    .await?,
+                subscriber: connections
+                    .connect(direction.subscriber, Some(&facts.database))
+                    .await?,
+            });
         }
-        let Some((_, client)) = &current else {
-            continue;
-        };
-        let seen: bool = client
-            .query_one(&query, &[&marker.publication, &marker.token])
-            .await
-            .map_err(|error| query_error(subscriber, "the marker (read)", &error))?
-            .get(0);
-        if !seen {
-            missing.push(marker.clone());
-        }
+        Ok(MarkerLinks { direction, links })
     }
-    Ok(missing)
+
+    pub fn direction(&self) -> Direction {
+        self.direction
+    }
+
+    /// Writes one marker row per publication on the publisher, one transaction per database,
+    /// committed with `synchronous_commit = on`: the WAL up to the marker is flushed, so the
+    /// walsender sends it (and everything committed before it) at once.
+    pub async fn write(&mut self, token: &str) -> Result<Vec<MarkerWrite>, String> {
+        let publisher = self.direction.publisher;
+        let upsert = format!(
+            "INSERT INTO {MARKER_SCHEMA}.{MARKER_TABLE} (publication, token, written_at) VALUES ($1, $2, now()) \
+             ON CONFLICT (publication) DO UPDATE SET token = EXCLUDED.token, written_at = EXCLUDED.written_at"
+        );
+        let mut written = Vec::new();
+        for link in &mut self.links {
+            let transaction =
+                link.publisher.transaction().await.map_err(|error| {
+                    query_error(publisher, "a transaction for the marker", &error)
+                })?;
+            transaction
+                .batch_execute("SET LOCAL synchronous_commit = on")
+                .await
+                .map_err(|error| query_error(publisher, "the marker (setting)", &error))?;
+            for publication in &link.publications {
+                transaction
+                    .execute(&upsert, &[publication, &token])
+                    .await
+                    .map_err(|error| query_error(publisher, "the marker (write)", &error))?;
+                written.push(MarkerWrite {
+                    database: link.database.clone(),
+                    publication: publication.clone(),
+                    token: token.to_string(),
+                });
+            }
+            transaction
+                .commit()
+                .await
+                .map_err(|error| query_error(publisher, "the marker (commit)", &error))?;
+        }
+        Ok(written)
+    }
+
+    /// The markers of `written` that the subscriber does not show yet.
+    pub async fn missing(&self, written: &[MarkerWrite]) -> Result<Vec<MarkerWrite>, String> {
+        let subscriber = self.direction.subscriber;
+        let query = format!(
+            "SELECT EXISTS (SELECT 1 FROM {MARKER_SCHEMA}.{MARKER_TABLE} WHERE publication = $1 AND token = $2)"
+        );
+        let mut missing = Vec::new();
+        for marker in written {
+            let Some(link) = self
+                .links
+                .iter()
+                .find(|link| link.database == marker.database)
+            else {
+                continue;
+            };
+            let seen: bool = link
+                .subscriber
+                .query_one(&query, &[&marker.publication, &marker.token])
+                .await
+                .map_err(|error| query_error(subscriber, "the marker (read)", &error))?
+                .get(0);
+            if !seen {
+                missing.push(marker.clone());
+            }
+        }
+        Ok(missing)
+    }
 }

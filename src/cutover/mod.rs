@@ -1,20 +1,24 @@
-//! Transparent cutover (`[cutover] mode = "transparent"`): what it needs on the databases and
-//! the guardrails it passes before it changes anything.
+//! Transparent cutover (`[cutover] mode = "transparent"`): `promote` moves the old color's
+//! sessions to the new one live (docs/CUTOVER.md).
 //!
 //! - [`setup`]: the marker table and replication a cutover needs, judged from catalog facts;
 //!   the exact SQL still missing (pure).
 //! - [`guardrails`]: the refusals before a promote (pure judgment, and the gathering of facts).
+//! - [`procedure`]: freeze, catch-up, then commit (sessions move) or abort (they resume).
+//! - [`session_state`]: what a frozen session carries, read from its backend and replayed on
+//!   the new one.
 //! - [`catalog`]: every query on the colors' catalogs, through `[cutover] dsn`.
 //!
-//! Entry points: [`run_setup`] (`pgshift cutover-setup`), [`readiness`] (`pgshift check`),
-//! [`promote_guardrails`] (the controller, for `promote` and `promote --check`).
+//! The sessions' side (the phase they watch, the login gate, a frozen session's hold and move)
+//! is in [`crate::proxy::cutover`] and [`crate::proxy::freeze`].
 //!
-//! Not here yet: the live move itself (freeze, catch-up, re-home, resume). Until it lands,
-//! a promote that passes the guardrails closes the old color's sessions at their idle points,
-//! as `mode = "drain"` does.
+//! Entry points: [`run_setup`] (`pgshift cutover-setup`), [`readiness`] (`pgshift check`),
+//! [`promote_guardrails`] and [`procedure::freeze_and_catch_up`] (the controller's `promote`).
 
 pub mod catalog;
 pub mod guardrails;
+pub mod procedure;
+pub mod session_state;
 pub mod setup;
 
 use std::path::PathBuf;
@@ -142,19 +146,19 @@ fn report_left(plan: &SetupPlan) {
 }
 
 /// Pause between looks at the new color while waiting for the catch-up markers.
-const CATCHUP_POLL: Duration = Duration::from_millis(20);
+const CATCHUP_POLL: Duration = Duration::from_millis(2);
 
 /// Catch-up: writes one marker per (database, publication) on the old color and waits until
 /// the new color shows every one (a subscription applies its changes in commit order, so
 /// everything committed before the marker is there too). Returns how long it took; past
-/// `timeout` the error names the publications still behind.
+/// `timeout` (the writes and reads included: a lock can stall either) the error names the
+/// publications still behind.
 pub async fn catch_up(
-    connections: &Connections,
-    direction: Direction,
-    databases: &[setup::DatabaseFacts],
+    links: &mut catalog::MarkerLinks,
     timeout: Duration,
 ) -> Result<Duration, String> {
     let started = tokio::time::Instant::now();
+    let direction = links.direction();
     let token = format!(
         "{}-{}",
         std::process::id(),
@@ -163,28 +167,36 @@ pub async fn catch_up(
             .unwrap_or_default()
             .as_nanos()
     );
-    let written =
-        catalog::write_markers(connections, direction.publisher, databases, &token).await?;
-    let mut missing = written;
-    loop {
-        missing = catalog::markers_missing(connections, direction.subscriber, &missing).await?;
-        if missing.is_empty() {
-            return Ok(started.elapsed());
+    let behind = std::sync::Mutex::new(Vec::new());
+    let waited = async {
+        let mut missing = links.write(&token).await?;
+        loop {
+            *behind.lock().unwrap_or_else(|e| e.into_inner()) = missing.clone();
+            missing = links.missing(&missing).await?;
+            if missing.is_empty() {
+                return Ok(started.elapsed());
+            }
+            tokio::time::sleep(CATCHUP_POLL).await;
         }
-        if started.elapsed() >= timeout {
-            let behind: Vec<String> = missing
+    };
+    match tokio::time::timeout(timeout, waited).await {
+        Ok(result) => result,
+        Err(_) => {
+            let behind = behind.lock().unwrap_or_else(|e| e.into_inner());
+            let names: Vec<String> = behind
                 .iter()
                 .map(|marker| format!("{} (database {})", marker.publication, marker.database))
                 .collect();
-            return Err(format!(
-                "{} did not show the catch-up marker within {timeout:?} for publication(s) {}: replication {} → {} is behind or stopped",
-                direction.subscriber,
-                behind.join(", "),
-                direction.publisher,
-                direction.subscriber
-            ));
+            let which = if names.is_empty() {
+                "(the markers could not even be written)".to_string()
+            } else {
+                format!("for publication(s) {}", names.join(", "))
+            };
+            Err(format!(
+                "{} did not show the catch-up marker within {timeout:?} {which}: replication {} → {} is behind or stopped",
+                direction.subscriber, direction.publisher, direction.subscriber
+            ))
         }
-        tokio::time::sleep(CATCHUP_POLL).await;
     }
 }
 
@@ -268,6 +280,19 @@ pub async fn promote_guardrails(shared: &Shared, new: Color, force: bool) -> Gua
         )
         .await
     };
+    let mut unbuilt = Vec::new();
+    if config.cutover.sync_sequences {
+        unbuilt.push("[cutover] sync_sequences: setting sequences at cutover is not in this build yet; set it to false and advance green's sequences by hand".to_string());
+    }
+    if config.cutover.reverse_slot.is_some() {
+        unbuilt.push("[cutover] reverse_slot: the reverse replication slot is not in this build yet; remove it and create the slot by hand".to_string());
+    }
+    if !unbuilt.is_empty() {
+        return GuardReport {
+            refusals: unbuilt,
+            ..GuardReport::default()
+        };
+    }
     let limit = config.backend(new).connect_timeout * 4 + READINESS_TIMEOUT;
     let facts = match tokio::time::timeout(limit, gathered).await {
         Ok(Ok(facts)) => facts,

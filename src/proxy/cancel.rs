@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use super::cutover::HeldCancel;
 use crate::color::Color;
 
 /// Where a cancel for one session must go.
@@ -25,6 +26,8 @@ pub struct CancelTarget {
     pub session_id: u64,
     /// Bumped for each cancel forwarded, so the session knows its next 57014 was asked for.
     pub cancels_forwarded: Arc<AtomicU64>,
+    /// Frozen by a transparent cutover: the session answers the cancel itself.
+    pub held: Arc<HeldCancel>,
 }
 
 impl PartialEq for CancelTarget {
@@ -63,6 +66,14 @@ impl CancelTable {
     /// The target of a client's CancelRequest, if the key is one pgshift issued.
     pub fn lookup(&self, pid: i32, secret: &Bytes) -> Option<CancelTarget> {
         self.lock().get(&(pid, secret.clone())).cloned()
+    }
+
+    /// Points a key the client already holds at another backend (a transparent cutover
+    /// moved its session).
+    pub fn retarget(&self, pid: i32, secret: &Bytes, target: CancelTarget) {
+        if let Some(entry) = self.lock().get_mut(&(pid, secret.clone())) {
+            *entry = target;
+        }
     }
 
     /// Forgets a session's key.
@@ -108,6 +119,7 @@ mod tests {
             backend_secret: Bytes::from(vec![1; secret_len]),
             session_id: 1,
             cancels_forwarded: Arc::default(),
+            held: Arc::default(),
         }
     }
 

@@ -7,6 +7,8 @@
 
 pub mod backend;
 pub mod cancel;
+pub mod cutover;
+pub mod freeze;
 pub mod limits;
 pub mod registry;
 pub mod relay;
@@ -49,6 +51,8 @@ pub struct Shared {
     /// ClientKeys, the failure backoff, the auth mismatches seen; `auth.reload(&config)`
     /// re-reads the userlist and the secret file.
     pub auth: AuthState,
+    /// A transparent cutover's phase and login gate (`crate::cutover::procedure` drives it).
+    pub cutover: cutover::CutoverCoordinator,
     pub shutting_down: AtomicBool,
 }
 
@@ -94,6 +98,7 @@ impl Proxy {
             addr_limits: limits::AddrLimits::default(),
             tls,
             auth,
+            cutover: cutover::CutoverCoordinator::default(),
             shutting_down: AtomicBool::new(false),
         });
         let (stop_accepting, stop_rx) = watch::channel(false);

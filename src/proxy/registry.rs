@@ -22,6 +22,9 @@ pub enum CloseReason {
     SessionAge,
     /// The session's color is draining (`drain`, `promote`, `rollback`).
     Drain(Color),
+    /// A transparent cutover with `on_timeout = "terminate"` could not wait for its
+    /// transaction past `freeze_timeout`.
+    FreezeTimeout,
 }
 
 impl CloseReason {
@@ -42,6 +45,10 @@ impl CloseReason {
             CloseReason::Drain(color) => format!(
                 "terminating connection: pgshift is draining the {color} database; reconnect to be routed to the other one{deadline_note}"
             ),
+            CloseReason::FreezeTimeout => {
+                "pgshift cutover: transaction exceeded freeze_timeout; it was rolled back, reconnect"
+                    .to_string()
+            }
         }
     }
 
@@ -50,6 +57,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::SessionAge => "max_session_age",
             CloseReason::Drain(_) => "drain",
+            CloseReason::FreezeTimeout => "freeze_timeout",
         }
     }
 }
@@ -179,6 +187,42 @@ impl SessionRegistry {
             }));
         }
         withdrawn
+    }
+
+    /// Sends `order` to session `id` (never weakening a `Now`).
+    pub fn order_one(&self, id: u64, order: CloseOrder) {
+        if let Some(entry) = self.lock().get(&id) {
+            entry.orders.send_if_modified(|current| {
+                let stronger = !matches!(*current, CloseOrder::Now(_));
+                if stronger && *current != order {
+                    *current = order;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    /// The ids of the sessions on `color`.
+    pub fn ids(&self, color: Color) -> Vec<u64> {
+        self.lock()
+            .iter()
+            .filter(|(_, entry)| entry.color == color)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Whether session `id` is still open.
+    pub fn contains(&self, id: u64) -> bool {
+        self.lock().contains_key(&id)
+    }
+
+    /// Session `id` now has its backend on `color` (a transparent cutover moved it).
+    pub fn recolor(&self, id: u64, color: Color) {
+        if let Some(entry) = self.lock().get_mut(&id) {
+            entry.color = color;
+        }
     }
 
     /// Open sessions (of `color`, when given).

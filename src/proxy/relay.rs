@@ -23,6 +23,11 @@
 //!   not TLS; the client then logs in with plain SCRAM, as with a plaintext server.
 //!
 //! Those types are inspected during login only.
+//!
+//! A transparent cutover ([`crate::cutover::procedure`]) asks sessions of the old color to
+//! freeze: at its next idle point the relay returns [`RunOutcome::Frozen`] without reading the
+//! client's next request; the caller ([`super::freeze`]) may then [`Relay::rehome`] it onto a
+//! backend of the new color, or just run it again.
 
 use std::future::poll_fn;
 use std::io;
@@ -39,6 +44,7 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::cancel::CancelTarget;
+use super::cutover::{CutoverPhase, HeldCancel};
 use super::registry::{CloseOrder, CloseReason};
 use super::requests::{BackendEvent, RequestTracker};
 use crate::color::Color;
@@ -61,10 +67,14 @@ pub const MAX_BUFFER: usize = 256 * 1024;
 /// How long pgshift waits to hand a client its last bytes and error before closing anyway.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Backend messages the relay reads: errors, ReadyForQuery, the cancel key, COPY starts.
-const BACKEND_INSPECTED: TagSet = TagSet::of(b"EZKGHW");
+/// Backend messages the relay reads: errors, ReadyForQuery, the cancel key, COPY starts, and
+/// ParameterStatus (kept, so that a transparent cutover tells the client only what differs).
+const BACKEND_INSPECTED: TagSet = TagSet::of(b"EZKGHWS");
+/// ... and, once a transparent cutover moved the session, NotificationResponse (its PID is
+/// rewritten for the client).
+const BACKEND_INSPECTED_MOVED: TagSet = TagSet::of(b"EZKGHWSA");
 /// ... and, while it watches a login for channel binding, Authentication requests.
-const BACKEND_INSPECTED_WATCHING_SASL: TagSet = TagSet::of(b"EZKGHWR");
+const BACKEND_INSPECTED_WATCHING_SASL: TagSet = TagSet::of(b"EZKGHWSR");
 /// Client messages read while watching a login for channel binding: SASLInitialResponse.
 const CLIENT_INSPECTED_WATCHING_SASL: TagSet = TagSet::of(b"p");
 
@@ -241,6 +251,8 @@ impl Flow {
 enum RelayEvent {
     LoggedIn,
     IdlePoint,
+    /// A cutover asked this session to freeze, and it is at an idle point.
+    Frozen,
     ClientClosed,
     BackendClosed,
     ClientFailed(io::Error),
@@ -249,6 +261,15 @@ enum RelayEvent {
     BackendViolation(BadLength),
     /// The client's SCRAM asked for channel binding while both hops are TLS.
     ChannelBindingAcrossTls(ChannelBinding),
+}
+
+/// Why [`Relay::run`] returned.
+#[derive(Debug)]
+pub enum RunOutcome {
+    Ended(SessionEnd),
+    /// Frozen at an idle point for a transparent cutover: nothing more is forwarded until the
+    /// caller runs the relay again (resumed, or moved with [`Relay::rehome`]).
+    Frozen,
 }
 
 /// How and why a session ended, for its log line.
@@ -267,6 +288,8 @@ pub enum SessionEnd {
     BackendProtocolViolation(BadLength),
     /// Refused with 28000: SCRAM channel binding cannot cross pgshift's two TLS hops.
     ChannelBindingRefused,
+    /// Closed with 57P01 by a transparent cutover: the session could not move.
+    Unmovable(String),
 }
 
 impl std::fmt::Display for SessionEnd {
@@ -297,6 +320,12 @@ impl std::fmt::Display for SessionEnd {
             }
             SessionEnd::BackendProtocolViolation(error) => {
                 write!(f, "backend protocol violation: {error}")
+            }
+            SessionEnd::Unmovable(reason) => {
+                write!(
+                    f,
+                    "closed by a transparent cutover: it could not move ({reason})"
+                )
             }
             SessionEnd::ChannelBindingRefused => write!(
                 f,
@@ -360,6 +389,15 @@ pub struct Relay<'a, C, B> {
     /// not forwarded, and the session ends with 28000.
     channel_binding_refused: Option<ChannelBinding>,
     pub requests_completed: u64,
+    /// The ParameterStatus values the client was told, in order of first report.
+    parameters: Vec<(String, String)>,
+    /// A cutover freezes this session's color: stop at the next idle point.
+    freeze_requested: bool,
+    /// Frozen flag and cancel doorbell, shared with this session's cancel-table entry.
+    held: Arc<HeldCancel>,
+    /// After a move: notifications from the new backend's PID (its own NOTIFYs) carry the PID
+    /// the client knows instead.
+    notification_pid: Option<(i32, i32)>,
 }
 
 impl<'a, C, B> Relay<'a, C, B>
@@ -417,6 +455,10 @@ where
             hide_plus: hops.backend && !hops.client,
             channel_binding_refused: None,
             requests_completed: 0,
+            parameters: Vec::new(),
+            freeze_requested: false,
+            notification_pid: None,
+            held: Arc::default(),
         };
         let now = Instant::now();
         relay.to_backend.buffer.extend(client_bytes);
@@ -430,16 +472,30 @@ where
         Ok(relay)
     }
 
-    /// Runs until the session ends; `login_deadline` bounds the time until the first
-    /// ReadyForQuery.
+    /// Runs until the session ends or a cutover freezes it; `login_deadline` bounds the time
+    /// until the first ReadyForQuery.
     pub async fn run(
         &mut self,
         orders: &mut watch::Receiver<CloseOrder>,
+        cutover: &mut watch::Receiver<CutoverPhase>,
         login_deadline: Instant,
-    ) -> SessionEnd {
+    ) -> RunOutcome {
+        self.run_until_frozen(orders, cutover, login_deadline)
+            .await
+            .map_or_else(RunOutcome::Ended, |()| RunOutcome::Frozen)
+    }
+
+    async fn run_until_frozen(
+        &mut self,
+        orders: &mut watch::Receiver<CloseOrder>,
+        cutover: &mut watch::Receiver<CutoverPhase>,
+        login_deadline: Instant,
+    ) -> Result<(), SessionEnd> {
+        self.held.set_frozen(false);
         let login_timer = tokio::time::sleep_until(login_deadline);
         tokio::pin!(login_timer);
         let mut orders_open = true;
+        let mut cutover_open = true;
         loop {
             let order = *orders.borrow_and_update();
             match order {
@@ -448,13 +504,21 @@ where
                 CloseOrder::Now(reason) => {
                     self.farewell(ClientError::fatal("57P01", reason.message(true)))
                         .await;
-                    return SessionEnd::ClosedAtDeadline(reason);
+                    return Err(SessionEnd::ClosedAtDeadline(reason));
                 }
             }
+            // Only sessions logged in before the cutover began freeze: a login still running
+            // was counted at the gate and registered before the freeze was asked for.
+            self.freeze_requested = self.requests.logged_in()
+                && cutover.borrow_and_update().freezing() == Some(self.identity.color);
             let logged_in = self.requests.logged_in();
             let event = tokio::select! {
                 changed = orders.changed(), if orders_open => {
                     orders_open = changed.is_ok();
+                    continue;
+                }
+                changed = cutover.changed(), if cutover_open => {
+                    cutover_open = changed.is_ok();
                     continue;
                 }
                 _ = &mut login_timer, if !logged_in => {
@@ -463,58 +527,235 @@ where
                         "pgshift: login not finished within login_timeout",
                     ))
                     .await;
-                    return SessionEnd::LoginTimeout;
+                    return Err(SessionEnd::LoginTimeout);
                 }
                 event = poll_fn(|cx| self.poll_relay(cx)) => event,
             };
             match event {
                 RelayEvent::LoggedIn => continue,
+                RelayEvent::Frozen => {
+                    self.held.set_frozen(true);
+                    return Ok(());
+                }
                 RelayEvent::IdlePoint => {
                     let reason = self.close_at_idle.unwrap_or(CloseReason::Shutdown);
                     self.farewell(ClientError::fatal("57P01", reason.message(false)))
                         .await;
-                    return SessionEnd::ClosedAtIdlePoint(reason);
+                    return Err(SessionEnd::ClosedAtIdlePoint(reason));
                 }
                 RelayEvent::ClientClosed => {
                     self.say_goodbye_to_backend().await;
-                    return SessionEnd::ClientClosed;
+                    return Err(SessionEnd::ClientClosed);
                 }
                 RelayEvent::ClientFailed(error) => {
                     self.say_goodbye_to_backend().await;
-                    return SessionEnd::ClientError(error);
+                    return Err(SessionEnd::ClientError(error));
                 }
                 RelayEvent::ClientViolation(error) => {
                     self.farewell(ClientError::fatal("08P01", format!("pgshift: {error}")))
                         .await;
-                    return SessionEnd::ClientProtocolViolation(error);
+                    return Err(SessionEnd::ClientProtocolViolation(error));
                 }
                 RelayEvent::BackendClosed | RelayEvent::BackendFailed(_)
                     if self.client_terminated =>
                 {
                     self.to_client.flush_then(&mut self.client, None).await;
                     let _ = self.client.shutdown().await;
-                    return SessionEnd::ClientClosed;
+                    return Err(SessionEnd::ClientClosed);
                 }
                 RelayEvent::BackendClosed => {
                     self.backend_lost(None).await;
-                    return SessionEnd::BackendClosed {
+                    return Err(SessionEnd::BackendClosed {
                         fatal_from_backend: self.backend_sent_fatal,
-                    };
+                    });
                 }
                 RelayEvent::BackendFailed(error) => {
                     self.backend_lost(Some(&error)).await;
-                    return SessionEnd::BackendError(error);
+                    return Err(SessionEnd::BackendError(error));
                 }
                 RelayEvent::BackendViolation(error) => {
                     self.backend_lost(None).await;
-                    return SessionEnd::BackendProtocolViolation(error);
+                    return Err(SessionEnd::BackendProtocolViolation(error));
                 }
                 RelayEvent::ChannelBindingAcrossTls(flag) => {
                     self.refuse_channel_binding(&flag).await;
-                    return SessionEnd::ChannelBindingRefused;
+                    return Err(SessionEnd::ChannelBindingRefused);
                 }
             }
         }
+    }
+
+    /// Ends the session: what is released goes to the client, then `error`; the backend is
+    /// told goodbye.
+    pub async fn close(&mut self, error: ClientError) {
+        self.farewell(error).await;
+    }
+
+    /// The state shared with the rest of the proxy.
+    pub fn shared(&self) -> &'a Shared {
+        self.identity.shared
+    }
+
+    /// Queues whole backend messages for the client (what arrived during a cutover's side
+    /// queries); they go out when the relay runs again.
+    pub fn forward_to_client(&mut self, messages: &[u8]) {
+        if messages.is_empty() {
+            return;
+        }
+        self.to_client.buffer.extend(messages);
+        let _ = self.scan_backend(Instant::now());
+    }
+
+    /// This session's frozen flag and cancel doorbell.
+    pub fn held(&self) -> Arc<HeldCancel> {
+        self.held.clone()
+    }
+
+    /// While frozen, the client cancelled the request it sent meanwhile: reads that request
+    /// (through its Sync, or one simple Query; `wait` at most), drops it and answers 57014
+    /// and ReadyForQuery `I`, so nothing of it ever runs. Bytes after it stay queued for the
+    /// backend. False when no whole request was waiting.
+    pub async fn cancel_held_request(&mut self, wait: Duration) -> io::Result<bool> {
+        use tokio::io::AsyncReadExt;
+        let mut held = Vec::new();
+        let read_until_request = async {
+            loop {
+                if let Some(end) = messages::first_request_end(&held) {
+                    return Ok::<_, io::Error>(Some(end));
+                }
+                let mut chunk = [0u8; 4096];
+                let count = self.client.read(&mut chunk).await?;
+                if count == 0 {
+                    return Ok(None);
+                }
+                held.extend_from_slice(&chunk[..count]);
+            }
+        };
+        let end = match tokio::time::timeout(wait, read_until_request).await {
+            Ok(Ok(end)) => end,
+            Ok(Err(error)) => return Err(error),
+            Err(_) => None,
+        };
+        let rest = &held[end.unwrap_or(0)..];
+        if !rest.is_empty() {
+            self.to_backend.buffer.extend(rest);
+            if let Err(error) = self.scan_client(Instant::now()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    error.to_string(),
+                ));
+            }
+        }
+        if end.is_none() {
+            return Ok(false);
+        }
+        let mut answer =
+            ClientError::error("57014", "canceling statement due to user request").encode();
+        answer.extend_from_slice(&messages::ready_for_query(b'I'));
+        self.client.write_all(&answer).await?;
+        self.client.flush().await?;
+        Ok(true)
+    }
+
+    /// The color of the backend this session talks to now.
+    pub fn color(&self) -> Color {
+        self.identity.color
+    }
+
+    /// The frozen session's backend, for the cutover's questions about its state.
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// Moves this frozen session to `backend` on `color`, logged in as the same user with the
+    /// same startup packet; `greeting` is what that backend sent after AuthenticationOk,
+    /// through its ReadyForQuery. The client keeps its cancel key (now pointing at the new
+    /// backend) and is told, with a ParameterStatus each, only the reported values that
+    /// differ. Returns the old backend, for the caller to say goodbye to.
+    pub fn rehome(
+        &mut self,
+        color: Color,
+        backend: B,
+        backend_addr: std::net::SocketAddr,
+        greeting: &[u8],
+    ) -> Result<B, String> {
+        let messages = messages::split_messages(greeting)
+            .ok_or("the new backend's greeting is not whole messages")?;
+        let mut new_key = None;
+        let mut ready = false;
+        let mut told = bytes::BytesMut::new();
+        for (tag, body) in messages {
+            match tag {
+                b'S' => {
+                    let (name, value) = messages::parameter_status(body)
+                        .ok_or("the new backend sent a malformed ParameterStatus")?;
+                    if name == "server_encoding"
+                        && self
+                            .parameters
+                            .iter()
+                            .any(|(known, old)| known == name && old != value)
+                    {
+                        return Err(format!(
+                            "the new database's server_encoding is {value}, not the old one's"
+                        ));
+                    }
+                    if remember_parameter(&mut self.parameters, name, value) {
+                        told.extend_from_slice(&messages::parameter_status_message(name, value));
+                    }
+                }
+                b'K' => new_key = messages::backend_key(body),
+                b'N' => told.extend_from_slice(&messages::whole_message(tag, body)),
+                b'Z' => ready = messages::ready_status(body) == Some(b'I'),
+                b'E' => {
+                    return Err(format!(
+                        "the new backend refused the session ({})",
+                        messages::error_sqlstate(body)
+                            .map(|code| String::from_utf8_lossy(&code).into_owned())
+                            .unwrap_or_default()
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if !ready {
+            return Err("the new backend's greeting did not end with ReadyForQuery (idle)".into());
+        }
+        let (backend_pid, backend_secret) =
+            new_key.ok_or("the new backend sent no BackendKeyData")?;
+        if let Some((pid, secret)) = &self.cancel_key {
+            self.identity.shared.cancels.retarget(
+                *pid,
+                secret,
+                CancelTarget {
+                    cancels_forwarded: self.cancels_forwarded.clone(),
+                    held: self.held.clone(),
+                    color,
+                    backend_addr,
+                    backend_pid,
+                    backend_secret,
+                    session_id: self.identity.session_id,
+                },
+            );
+        }
+        self.notification_pid = self
+            .cancel_key
+            .as_ref()
+            .map(|(client_pid, _)| (backend_pid, *client_pid));
+        self.to_client.framer.set_inspected(BACKEND_INSPECTED_MOVED);
+        self.identity.color = color;
+        self.identity.backend_addr = backend_addr;
+        self.stats = self.identity.shared.stats.color(color);
+        self.identity
+            .shared
+            .sessions
+            .recolor(self.identity.session_id, color);
+        self.freeze_requested = false;
+        if !told.is_empty() {
+            self.to_client.buffer.extend(&told);
+            // Whole messages after a boundary: framed and released at once.
+            let _ = self.scan_backend(Instant::now());
+        }
+        Ok(std::mem::replace(&mut self.backend, backend))
     }
 
     /// The proxy key this session's client was given, to remove from the cancel table.
@@ -547,6 +788,9 @@ where
             }
             if self.close_at_idle.is_some() && self.at_idle_point() {
                 return Poll::Ready(RelayEvent::IdlePoint);
+            }
+            if self.freeze_requested && self.at_idle_point() {
+                return Poll::Ready(RelayEvent::Frozen);
             }
             match self.to_backend.poll_receive(&mut self.client, cx) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(RelayEvent::ClientClosed),
@@ -649,7 +893,24 @@ where
                 }
                 continue;
             }
+            if frame.tag == b'A' {
+                if let (Some((from, to)), Some(range)) = (self.notification_pid, body.clone())
+                    && range.len() >= 4
+                {
+                    let pid = &mut self.to_client.buffer.data[range.start..range.start + 4];
+                    if pid == from.to_be_bytes() {
+                        pid.copy_from_slice(&to.to_be_bytes());
+                    }
+                }
+                continue;
+            }
             let body_bytes = body.map(|range| &self.to_client.buffer.data[range]);
+            if frame.tag == b'S' {
+                if let Some((name, value)) = body_bytes.and_then(messages::parameter_status) {
+                    remember_parameter(&mut self.parameters, name, value);
+                }
+                continue;
+            }
             if frame.tag == b'E' && body_bytes.is_some_and(messages::error_is_fatal) {
                 self.backend_sent_fatal = true;
             }
@@ -722,6 +983,7 @@ where
         }
         let proxy_secret = self.identity.shared.cancels.register(CancelTarget {
             cancels_forwarded: self.cancels_forwarded.clone(),
+            held: self.held.clone(),
             color: self.identity.color,
             backend_addr: self.identity.backend_addr,
             backend_pid: pid,
@@ -823,6 +1085,21 @@ where
     fn abandon_requests(&mut self) {
         for _ in 0..self.requests.abandon() {
             self.stats.record_request(None, Some(*b"08006"));
+        }
+    }
+}
+
+/// Records `name` = `value`; true when the value is new or changed.
+fn remember_parameter(parameters: &mut Vec<(String, String)>, name: &str, value: &str) -> bool {
+    match parameters.iter_mut().find(|(known, _)| known == name) {
+        Some((_, known_value)) if known_value == value => false,
+        Some((_, known_value)) => {
+            *known_value = value.to_string();
+            true
+        }
+        None => {
+            parameters.push((name.to_string(), value.to_string()));
+            true
         }
     }
 }

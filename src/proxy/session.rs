@@ -28,8 +28,9 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::backend::{self, BackendConnection, ConnectError, configure_socket};
+use super::freeze::{self, SessionOrigin};
 use super::registry::{CloseOrder, CloseReason};
-use super::relay::{Relay, SessionEnd, SessionIdentity, TlsHops};
+use super::relay::{Relay, RunOutcome, SessionEnd, SessionIdentity, TlsHops};
 use crate::auth::login::{self, LoginOutcome, LoginRequest};
 use crate::color::Color;
 use crate::config::{AuthMode, Config, TlsMode};
@@ -131,6 +132,22 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             return;
         }
     };
+    // A transparent cutover holds new logins until it is done; past the gate this login
+    // counts as in flight until it is registered, so a cutover starting now waits for it.
+    let Ok(login_pass) = tokio::time::timeout_at(login_deadline, shared.cutover.pass_gate()).await
+    else {
+        refuse(
+            &shared,
+            &mut client,
+            "cutover",
+            ClientError::fatal(
+                "57P03",
+                "pgshift is moving sessions to the other database and held this login past login_timeout; retry",
+            ),
+        )
+        .await;
+        return;
+    };
     let route = match shared.router.route(&facts) {
         Ok(route) => route,
         Err(refusal) => {
@@ -146,7 +163,7 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
     };
     // Auth termination: pgshift logs the client in and the backend in on its behalf; the
     // lease keeps the user's ClientKey in memory while this session lives.
-    let (backend, _key_lease) = if config.auth.mode == AuthMode::Scram {
+    let (backend, key_lease) = if config.auth.mode == AuthMode::Scram {
         let request = LoginRequest {
             shared: &shared,
             config: &config,
@@ -180,6 +197,7 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         CloseOrder::Run
     };
     let mut ticket = shared.sessions.register(color, initial_order);
+    drop(login_pass);
     let stats = shared.stats.color(color);
     stats.session_opened();
     let started = Instant::now();
@@ -196,7 +214,8 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         client: client.is_tls(),
         backend: backend.stream.is_tls() && config.auth.mode != AuthMode::Scram,
     };
-    let (end, requests) = match Relay::new(
+    let mut cutover = shared.cutover.watch();
+    let (end, requests, final_color) = match Relay::new(
         identity,
         client,
         backend.stream,
@@ -206,19 +225,45 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         hops,
     ) {
         Ok(mut relay) => {
-            let end = relay.run(&mut ticket.orders, login_deadline).await;
+            let end = loop {
+                match relay
+                    .run(&mut ticket.orders, &mut cutover, login_deadline)
+                    .await
+                {
+                    RunOutcome::Ended(end) => break end,
+                    RunOutcome::Frozen => {
+                        let origin = SessionOrigin {
+                            startup_packet: &startup.raw,
+                            user: &facts.user,
+                            credential: key_lease.as_ref().and_then(|lease| lease.credential()),
+                        };
+                        let held = freeze::hold(
+                            &shared,
+                            &config,
+                            &mut relay,
+                            &mut ticket,
+                            &mut cutover,
+                            origin,
+                        )
+                        .await;
+                        if let Some(end) = held {
+                            break end;
+                        }
+                    }
+                }
+            };
             if let Some((pid, secret)) = relay.cancel_key() {
                 shared.cancels.remove(*pid, secret);
             }
-            (end, relay.requests_completed)
+            (end, relay.requests_completed, relay.color())
         }
-        Err(end) => (end, 0),
+        Err(end) => (end, 0, color),
     };
     shared.sessions.unregister(ticket.id);
-    stats.session_closed();
+    shared.stats.color(final_color).session_closed();
     tracing::info!(
         session = ticket.id,
-        %color,
+        color = %final_color,
         user = %facts.user,
         database = %facts.database,
         client = %peer,
@@ -418,6 +463,16 @@ async fn forward_cancel(shared: &Shared, pid: i32, secret: Bytes) {
         tracing::debug!(pid, "cancel request with an unknown key dropped");
         return;
     };
+    if target.held.is_frozen() {
+        // A transparent cutover holds this session: its request never reached the backend,
+        // and the session drops it and answers 57014 itself.
+        target.held.ring();
+        tracing::debug!(
+            session = target.session_id,
+            "cancel request for a held request"
+        );
+        return;
+    }
     let timeout = shared.config.load().backend(target.color).connect_timeout;
     let packet = cancel_request(target.backend_pid, &target.backend_secret);
     // Counted before it is sent: the 57014 it causes may race the cancel connection's close.
