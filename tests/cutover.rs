@@ -915,3 +915,37 @@ async fn a_request_held_by_the_freeze_can_be_cancelled_and_never_runs() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_sequences_sets_greens_sequences_past_blues() {
+    let (pair, server) = transparent_server("sync_sequences = true\nsequence_margin = 1000").await;
+    let sequences = "CREATE SEQUENCE invoice_no; CREATE SEQUENCE countdown INCREMENT -1";
+    pair.blue.psql_db(
+        APP_DB,
+        &format!(
+            "{sequences}; CREATE SEQUENCE blue_only; \
+             SELECT nextval('invoice_no') FROM generate_series(1, 5); \
+             SELECT nextval('countdown') FROM generate_series(1, 3)"
+        ),
+    );
+    pair.green.psql_db(APP_DB, sequences);
+
+    let reply = server.admin("promote").await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let lines = reply["cutover"]["sequences"].to_string();
+    for expected in [
+        "\\\"invoice_no\\\" (database app) set to 1005",
+        "\\\"countdown\\\" (database app) set to -1003",
+        "\\\"blue_only\\\" (database app) is missing on green",
+    ] {
+        assert!(lines.contains(expected), "{expected}: {reply}");
+    }
+    assert_eq!(
+        pair.green.psql_db(
+            APP_DB,
+            "SELECT nextval('invoice_no') || ' ' || nextval('countdown')"
+        ),
+        "1006 -1004"
+    );
+    server.stop().await;
+}

@@ -261,6 +261,7 @@ impl Controller {
                         "sessions_unmovable": outcome.unmovable,
                         "sessions_terminated": outcome.terminated,
                         "subscriptions": outcome.subscriptions,
+                        "sequences": outcome.sequences,
                     }),
                 );
                 Ok(reply)

@@ -78,7 +78,7 @@ impl Connections {
 }
 
 /// A failed catalog query, with the color and what was being read.
-fn query_error(color: Color, what: &str, error: &tokio_postgres::Error) -> String {
+pub fn query_error(color: Color, what: &str, error: &tokio_postgres::Error) -> String {
     format!("cannot read {what} on {color}: {}", error_text(error))
 }
 
@@ -409,7 +409,8 @@ pub async fn missing_privileges_in(
                 "SELECT count(*)::int8 FROM pg_catalog.pg_class c \
                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                  WHERE c.relkind = 'S' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-                 AND NOT pg_catalog.has_sequence_privilege(c.oid, $1)",
+                 AND CASE WHEN c.relkind = 'S' \
+                     THEN NOT pg_catalog.has_sequence_privilege(c.oid, $1) ELSE false END",
                 &[&privilege],
             )
             .await

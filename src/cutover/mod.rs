@@ -5,6 +5,7 @@
 //!   the exact SQL still missing (pure).
 //! - [`guardrails`]: the refusals before a promote (pure judgment, and the gathering of facts).
 //! - [`procedure`]: freeze, catch-up, then commit (sessions move) or abort (they resume).
+//! - [`sequences`]: `sync_sequences`, the new color's sequences set past the old color's.
 //! - [`session_state`]: what a frozen session carries, read from its backend and replayed on
 //!   the new one.
 //! - [`catalog`]: every query on the colors' catalogs, through `[cutover] dsn`.
@@ -18,6 +19,7 @@
 pub mod catalog;
 pub mod guardrails;
 pub mod procedure;
+pub mod sequences;
 pub mod session_state;
 pub mod setup;
 
@@ -281,9 +283,6 @@ pub async fn promote_guardrails(shared: &Shared, new: Color, force: bool) -> Gua
         .await
     };
     let mut unbuilt = Vec::new();
-    if config.cutover.sync_sequences {
-        unbuilt.push("[cutover] sync_sequences: setting sequences at cutover is not in this build yet; set it to false and advance green's sequences by hand".to_string());
-    }
     if config.cutover.reverse_slot.is_some() {
         unbuilt.push("[cutover] reverse_slot: the reverse replication slot is not in this build yet; remove it and create the slot by hand".to_string());
     }

@@ -9,7 +9,8 @@
 //!    `freeze_timeout`: past it, `on_timeout = "abort"` resumes everything, `"terminate"` ends
 //!    the sessions still in a transaction with 57P01 and goes on.
 //! 2. **Catch-up.** One marker per (database, publication) written on the old color is awaited
-//!    on the new one ([`super::catch_up`]); bounded by `catchup_timeout`, else abort.
+//!    on the new one ([`super::catch_up`]); bounded by `catchup_timeout`, else abort. With
+//!    `sync_sequences`, the new color's sequences are then set ([`super::sequences`]).
 //! 3. **Commit** (after the controller published 100 % to the new color): the frozen sessions
 //!    move; once every one has moved or closed, held logins are released.
 //!
@@ -65,6 +66,8 @@ pub struct CutoverOutcome {
     pub terminated: usize,
     /// What happened to the forward subscriptions, one line each.
     pub subscriptions: Vec<String>,
+    /// `sync_sequences`: the sequences set on the new color (and those missing there).
+    pub sequences: Vec<String>,
 }
 
 /// Sessions frozen and the new color caught up: waiting for the controller's routing switch.
@@ -198,6 +201,16 @@ pub async fn freeze_and_catch_up(
         .await
         .map_err(fail("catch-up"))?;
     frozen.outcome.catchup = caught_up;
+    if cutover.sync_sequences {
+        frozen.outcome.sequences = super::sequences::sync(
+            &frozen.connections,
+            direction,
+            &databases,
+            cutover.sequence_margin,
+        )
+        .await
+        .map_err(fail("sequences"))?;
+    }
     Ok(frozen)
 }
 
