@@ -276,7 +276,9 @@ pub fn apply(
     })
 }
 
-/// `promote`: green takes 100 %; blue drains after `drain_grace` when `drain_on_switch`.
+/// `promote`: green takes 100 %; blue drains after `drain_grace` when `drain_on_switch` — not
+/// in transparent cutover mode, whose promote moves blue's sessions instead (and a drained
+/// blue would refuse the `rollback` an operator may need next).
 pub fn promote(state: &RoutingState, config: &Config) -> Result<Transition, String> {
     if state.draining[Color::Green.index()] {
         return Err("green is draining; `undrain green` before promoting it".into());
@@ -285,7 +287,8 @@ pub fn promote(state: &RoutingState, config: &Config) -> Result<Transition, Stri
     next.green_weight_bp = 10_000;
     stop_rollout(&mut next, RolloutState::Promoted, None);
     let mut drain_after_grace = None;
-    if config.rollout.drain_on_switch && !state.draining[Color::Blue.index()] {
+    let moves_sessions = config.cutover.mode == crate::config::CutoverMode::Transparent;
+    if config.rollout.drain_on_switch && !moves_sessions && !state.draining[Color::Blue.index()] {
         next.draining[Color::Blue.index()] = true;
         drain_after_grace = Some(Color::Blue);
     }
@@ -533,6 +536,34 @@ mod tests {
         )
         .expect("promote");
         assert_eq!(promoted.next.draining, [false, false]);
+
+        // A transparent cutover moves blue's sessions: nothing to drain, and rollback stays
+        // possible at once.
+        let transparent = self::config(
+            "[auth]\nmode = \"scram\"\nuserlist = \"users.txt\"\n\
+             [cutover]\nmode = \"transparent\"\ndsn = \"user=pgshift_cutover\"",
+        );
+        let promoted = apply(
+            &state,
+            &Command::Promote {
+                check_only: false,
+                force: false,
+            },
+            &transparent,
+            Instant::now(),
+        )
+        .expect("promote");
+        assert_eq!(promoted.next.draining, [false, false]);
+        assert_eq!(promoted.drain_after_grace, None);
+        assert!(
+            apply(
+                &promoted.next,
+                &Command::Rollback { reason: None },
+                &transparent,
+                Instant::now()
+            )
+            .is_ok()
+        );
     }
 
     #[test]
