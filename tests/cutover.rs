@@ -949,3 +949,157 @@ async fn sync_sequences_sets_greens_sequences_past_blues() {
     );
     server.stop().await;
 }
+
+/// Promote with a reverse slot, set up replication green → blue from the reply, then roll
+/// back: both directions move every session with no error and no lost write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_after_promotion_rides_the_reverse_slot_back_to_blue() {
+    let (pair, server) = transparent_server("reverse_slot = \"pgshift_reverse\"").await;
+    // The reverse publication exists before the slot (a slot decodes with the catalog as it was).
+    pair.green.psql_db(
+        APP_DB,
+        "CREATE PUBLICATION back_pub FOR TABLE public.orders",
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers = start_writers(&server, 6, stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let promoted = server.admin("promote").await;
+    assert_eq!(promoted["ok"], true, "{promoted}");
+    let on_blue = promoted["cutover"]["reverse_slot"]["on_blue"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the reply gives the subscription to create: {promoted}"))
+        .replace("<a replication role>", SUPERUSER);
+    assert!(
+        on_blue.contains("slot_name = 'pgshift_reverse'") && on_blue.contains("copy_data = false"),
+        "{on_blue}"
+    );
+    pair.blue.psql_db(APP_DB, &on_blue);
+    let config = server.config_path.to_str().expect("utf-8").to_string();
+    let reverse = tokio::task::spawn_blocking(move || {
+        pgshift(&["cutover-setup", "--config", &config, "--reverse"])
+    })
+    .await
+    .expect("cutover-setup --reverse");
+    assert_eq!(reverse.status.code(), Some(0), "{}", describe(&reverse));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let rolled = server.admin("rollback back to blue").await;
+    assert_eq!(rolled["ok"], true, "{rolled}");
+    assert_eq!(rolled["cutover"]["to"], "blue", "{rolled}");
+    assert!(
+        rolled["cutover"]["sessions_moved"].as_u64().unwrap_or(0) >= 6,
+        "{rolled}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        let (ids, errors) = writer.await.expect("writer");
+        assert!(errors.is_empty(), "a writer saw errors: {errors:?}");
+        acknowledged.extend(ids);
+    }
+    let found = pair.blue.psql_db(
+        APP_DB,
+        &format!(
+            "SELECT count(*) FROM orders WHERE id IN ({})",
+            acknowledged
+                .iter()
+                .map(|id| format!("'{id}'"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    );
+    assert_eq!(
+        found,
+        acknowledged.len().to_string(),
+        "writes missing on blue"
+    );
+    eprintln!(
+        "promote: {}\nrollback: {}",
+        promoted["cutover"], rolled["cutover"]
+    );
+    server.stop().await;
+}
+
+/// `pgshift probe` as the load: 32 sessions writing through pgshift while it promotes; every
+/// acknowledged write is looked up on green.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_under_32_probe_sessions_loses_nothing() {
+    let (pair, server) = transparent_server("").await;
+    let blue = pair.blue.dsn(TEST_USER, Some(TEST_PASSWORD), APP_DB);
+    let green = pair.green.dsn(TEST_USER, Some(TEST_PASSWORD), APP_DB);
+    let setup_pair = format!("{blue},{green}");
+    // The probe's table: created on green, then blue; then carried by the publication.
+    let setup = setup_pair.clone();
+    tokio::task::spawn_blocking(move || {
+        pgshift(&["probe", "--setup", &setup, "--verify-timeout", "1s"])
+    })
+    .await
+    .expect("probe --setup");
+    pair.blue.psql_db(
+        APP_DB,
+        "ALTER PUBLICATION shop_pub ADD TABLE public.pgshift_probe",
+    );
+    pair.green
+        .psql_db(APP_DB, "ALTER SUBSCRIPTION shop_sub REFRESH PUBLICATION");
+    let setup = setup_pair.clone();
+    let ready = tokio::task::spawn_blocking(move || {
+        pgshift(&["probe", "--setup", &setup, "--verify-timeout", "30s"])
+    })
+    .await
+    .expect("probe --setup");
+    assert_eq!(ready.status.code(), Some(0), "{}", describe(&ready));
+
+    let report_dir = tempfile::tempdir().expect("temp dir");
+    let report_path = report_dir.path().join("probe.json");
+    let through_pgshift = server.app_dsn();
+    let report = report_path.clone();
+    let load = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_pgshift"))
+            .args([
+                "probe",
+                "--dsn",
+                &through_pgshift,
+                "--clients",
+                "32",
+                "--duration",
+                "6s",
+                "--rate",
+                "20",
+                "--verify",
+                &green,
+                "--verify-timeout",
+                "20s",
+                "--json",
+            ])
+            .arg(&report)
+            .output()
+            .expect("run the probe")
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let reply = server.admin("promote").await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let output = load.await.expect("probe");
+    let text = describe(&output);
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&report_path).unwrap_or_else(|_| panic!("no report\n{text}")),
+    )
+    .expect("probe JSON");
+    assert_eq!(json["errors"]["total"], 0, "{text}");
+    assert_eq!(json["sessions_dropped"], 0, "{text}");
+    assert_eq!(json["verify"][0]["missing"], 0, "{text}");
+    assert!(
+        json["verify"][0]["checked"].as_u64().unwrap_or(0) > 100,
+        "{text}"
+    );
+    let stall = json["longest_stall"]["longest_ms"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    eprintln!(
+        "32 probe sessions: longest stall {stall} ms; cutover {}",
+        reply["cutover"]
+    );
+    assert!(stall <= 1000.0, "longest stall {stall} ms\n{text}");
+    server.stop().await;
+}

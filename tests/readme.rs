@@ -380,6 +380,15 @@ const COVERAGE: &[Covered] = &[
         why: "needs logical replication between the clusters; tests/cutover.rs applies it and sees the marker replicate",
     },
     Covered {
+        command: "pgshift cutover-setup --config config/pgshift.toml --reverse",
+        by: Cover::Run {
+            file: "tests/cutover.rs",
+            tests: &["rollback_after_promotion_rides_the_reverse_slot_back_to_blue"],
+            shows: &["\"--reverse\""],
+        },
+        why: "needs a promoted pair with replication green → blue; tests/cutover.rs runs it between a promote and a rollback",
+    },
+    Covered {
         command: "pgshift ctl --config config/pgshift.toml promote --check",
         by: Cover::Run {
             file: "tests/cutover.rs",

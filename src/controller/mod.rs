@@ -208,7 +208,7 @@ impl Controller {
                 crate::auth::verifiers_gate(&self.shared, verb).await?;
                 let guardrails = if transparent {
                     Some(
-                        crate::cutover::promote_guardrails(&self.shared, Color::Green, force).await,
+                        crate::cutover::cutover_guardrails(&self.shared, Color::Green, force).await,
                     )
                 } else {
                     None
@@ -227,47 +227,107 @@ impl Controller {
                 let Some(report) = guardrails else {
                     return self.handle(command, actor);
                 };
-                // Transparent: freeze and catch up, switch the routing, then move the sessions.
-                let shared = self.shared.clone();
-                let frozen = crate::cutover::procedure::freeze_and_catch_up(&shared, Color::Green)
+                self.transparent_switch(command, actor, Color::Green, report)
                     .await
-                    .map_err(|failure| {
-                        tracing::warn!("promote: {failure}");
-                        format!("promote refused: {failure}")
-                    })?;
-                // On a refused commit `frozen` is dropped: every session resumes on blue.
-                let mut reply = self.handle(command, actor)?;
-                let outcome = frozen.commit().await;
-                tracing::info!(
-                    moved = outcome.moved,
-                    unmovable = outcome.unmovable.len(),
-                    terminated = outcome.terminated,
-                    freeze_ms = outcome.freeze.as_millis() as u64,
-                    catchup_ms = outcome.catchup.as_millis() as u64,
-                    stall_ms = outcome.stall.as_millis() as u64,
-                    "promote: transparent cutover done"
-                );
-                reply.insert("guardrails".into(), json!(report.passed));
-                if !report.overridden.is_empty() {
-                    reply.insert("overridden".into(), json!(report.overridden));
-                }
-                reply.insert(
-                    "cutover".into(),
-                    json!({
-                        "freeze_ms": millis(outcome.freeze),
-                        "catchup_ms": millis(outcome.catchup),
-                        "stall_ms": millis(outcome.stall),
-                        "sessions_moved": outcome.moved,
-                        "sessions_unmovable": outcome.unmovable,
-                        "sessions_terminated": outcome.terminated,
-                        "subscriptions": outcome.subscriptions,
-                        "sequences": outcome.sequences,
-                    }),
-                );
-                Ok(reply)
+            }
+            Command::Rollback { .. }
+                if transparent && self.state.rollout == RolloutState::Promoted =>
+            {
+                self.transparent_rollback(command, actor).await
             }
             command => self.handle(command, actor),
         }
+    }
+
+    /// Rollback after a transparent promotion: green's sessions move back to blue when
+    /// replication green → blue is set up (blue has a subscription); without one, the rollback
+    /// drains green as in drain mode, and the reply says that green's writes since the
+    /// promotion are not on blue.
+    async fn transparent_rollback(&mut self, command: Command, actor: &Actor) -> Reply {
+        let config = self.shared.config.load_full();
+        let reverse_exists = async {
+            let connections = crate::cutover::catalog::Connections::new(
+                config.clone(),
+                [
+                    self.shared.tls.backend(Color::Blue),
+                    self.shared.tls.backend(Color::Green),
+                ],
+            )?;
+            crate::cutover::catalog::has_subscriptions(&connections, Color::Blue).await
+        };
+        if !reverse_exists.await.map_err(|error| format!("rollback refused: {error}"))? {
+            let mut reply = self.handle(command, actor)?;
+            reply.insert(
+                "warning".into(),
+                json!("blue has no subscription from green: green's sessions are drained, not moved, and writes made on green since the promotion are not on blue"),
+            );
+            return Ok(reply);
+        }
+        let report = crate::cutover::cutover_guardrails(&self.shared, Color::Blue, false).await;
+        if report.refused() {
+            return Err(format!(
+                "rollback refused by the cutover guardrails (nothing changed):\n  {}",
+                report.refusals.join("\n  ")
+            ));
+        }
+        self.transparent_switch(command, actor, Color::Blue, report)
+            .await
+    }
+
+    /// Freezes and catches up, switches the routing with `command` (promote or rollback),
+    /// then moves the frozen sessions to `to`.
+    async fn transparent_switch(
+        &mut self,
+        command: Command,
+        actor: &Actor,
+        to: Color,
+        report: GuardReport,
+    ) -> Reply {
+        let verb = command.verb();
+        let shared = self.shared.clone();
+        let frozen = crate::cutover::procedure::freeze_and_catch_up(&shared, to)
+            .await
+            .map_err(|failure| {
+                tracing::warn!("{verb}: {failure}");
+                format!("{verb} refused: {failure}")
+            })?;
+        // On a refused commit `frozen` is dropped: every session resumes where it was.
+        let mut reply = self.handle(command, actor)?;
+        let outcome = frozen.commit().await;
+        tracing::info!(
+            moved = outcome.moved,
+            unmovable = outcome.unmovable.len(),
+            terminated = outcome.terminated,
+            freeze_ms = outcome.freeze.as_millis() as u64,
+            catchup_ms = outcome.catchup.as_millis() as u64,
+            stall_ms = outcome.stall.as_millis() as u64,
+            "{verb}: transparent cutover to {to} done"
+        );
+        reply.insert("guardrails".into(), json!(report.passed));
+        if !report.overridden.is_empty() {
+            reply.insert("overridden".into(), json!(report.overridden));
+        }
+        reply.insert(
+            "cutover".into(),
+            json!({
+                "to": to.as_str(),
+                "freeze_ms": millis(outcome.freeze),
+                "catchup_ms": millis(outcome.catchup),
+                "stall_ms": millis(outcome.stall),
+                "sessions_moved": outcome.moved,
+                "sessions_unmovable": outcome.unmovable,
+                "sessions_terminated": outcome.terminated,
+                "subscriptions": outcome.subscriptions,
+                "sequences": outcome.sequences,
+                "reverse_slot": outcome.reverse.as_ref().map(|reverse| json!({
+                    "slot": reverse.slot,
+                    "database": reverse.database,
+                    "lsn": reverse.lsn,
+                    "on_blue": reverse.subscription_sql,
+                })),
+            }),
+        );
+        Ok(reply)
     }
 
     fn handle(&mut self, command: Command, actor: &Actor) -> Reply {

@@ -223,6 +223,58 @@ pub async fn disable_subscription(
         .map_err(|error| error_text(&error))
 }
 
+/// The reverse slot's state on `color`: whether it exists, and the publications there.
+pub async fn read_reverse(
+    client: &Client,
+    color: Color,
+    slot: &str,
+) -> Result<super::guardrails::ReverseFacts, String> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1), \
+             ARRAY(SELECT pubname::text FROM pg_catalog.pg_publication ORDER BY 1)",
+            &[&slot],
+        )
+        .await
+        .map_err(|error| query_error(color, "replication slots and publications", &error))?;
+    Ok(super::guardrails::ReverseFacts {
+        slot: slot.to_string(),
+        slot_exists: row.get(0),
+        publications: row.get(1),
+    })
+}
+
+/// Creates the logical replication slot `slot` (pgoutput) on `color`; its LSN.
+pub async fn create_slot(
+    connections: &Connections,
+    color: Color,
+    slot: &str,
+    database: &str,
+) -> Result<String, String> {
+    let client = connections.connect(color, Some(database)).await?;
+    client
+        .query_one(
+            "SELECT lsn::text FROM pg_catalog.pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .map(|row| row.get(0))
+        .map_err(|error| format!("cannot create replication slot {slot} on {color}: {}", error_text(&error)))
+}
+
+/// Whether `color` has any subscription (any database).
+pub async fn has_subscriptions(connections: &Connections, color: Color) -> Result<bool, String> {
+    let client = connections.connect(color, None).await?;
+    client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_subscription)",
+            &[],
+        )
+        .await
+        .map(|row| row.get(0))
+        .map_err(|error| query_error(color, "pg_subscription", &error))
+}
+
 /// Whether the new color can take the sessions: recovery, connection slots.
 pub async fn read_health(client: &Client, color: Color) -> Result<ColorHealth, String> {
     let row = client

@@ -102,6 +102,20 @@ pub struct GuardFacts {
     pub new_settings: Vec<String>,
     /// Privileges the DSN's role lacks, one line each.
     pub missing_privileges: Vec<String>,
+    /// With `reverse_slot`: the slot to create on the new color, and what stands there now.
+    pub reverse: Option<ReverseFacts>,
+}
+
+/// What the new color holds for `[cutover] reverse_slot`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReverseFacts {
+    pub slot: String,
+    /// A replication slot of that name exists already.
+    pub slot_exists: bool,
+    /// The new color's publications (one must exist before the slot: a logical slot decodes
+    /// with the catalog as it was, so a publication created after it publishes nothing before
+    /// its own creation).
+    pub publications: Vec<String>,
 }
 
 /// Limits the guardrails apply.
@@ -249,6 +263,26 @@ pub fn judge(facts: &GuardFacts, options: GuardOptions) -> GuardReport {
             listed(&only_new, |s| s.to_string())
         ),
     );
+    if let Some(reverse) = &facts.reverse {
+        check(
+            !reverse.slot_exists,
+            format!("no replication slot {} on {new} yet", reverse.slot),
+            format!(
+                "{new} has a replication slot {} already; drop it (SELECT pg_drop_replication_slot('{}');) or choose another reverse_slot",
+                reverse.slot, reverse.slot
+            ),
+        );
+        check(
+            !reverse.publications.is_empty(),
+            format!(
+                "{new} publishes {} for the reverse replication",
+                reverse.publications.join(", ")
+            ),
+            format!(
+                "{new} has no publication for the reverse replication: create it before promoting (CREATE PUBLICATION pgshift_reverse FOR ALL TABLES; on {new}), or remove reverse_slot"
+            ),
+        );
+    }
     let foreign = foreign_backends(&facts.old_backends, &facts.owned_pids);
     if foreign.is_empty() {
         report
@@ -335,7 +369,7 @@ pub async fn gather(
     direction: Direction,
     sessions_to_move: usize,
     sync_sequences: bool,
-    reverse_slot: bool,
+    reverse_slot: Option<&str>,
     owned_pids: impl Fn() -> HashSet<i32>,
 ) -> Result<GuardFacts, String> {
     let Direction {
@@ -353,9 +387,13 @@ pub async fn gather(
         direction,
         &databases,
         sync_sequences,
-        reverse_slot,
+        reverse_slot.is_some(),
     )
     .await?;
+    let reverse = match reverse_slot {
+        Some(slot) => Some(catalog::read_reverse(&new_client, new, slot).await?),
+        None => None,
+    };
 
     let mut old_backends = catalog::read_client_backends(&old_client, old).await?;
     let mut owned = owned_pids();
@@ -380,6 +418,7 @@ pub async fn gather(
         old_settings,
         new_settings,
         missing_privileges,
+        reverse,
     })
 }
 
@@ -416,6 +455,7 @@ mod tests {
             old_settings: vec!["ALTER ROLE \"app\" SET work_mem = '8MB'".into()],
             new_settings: vec!["ALTER ROLE \"app\" SET work_mem = '8MB'".into()],
             missing_privileges: Vec::new(),
+            reverse: None,
         }
     }
 

@@ -14,7 +14,7 @@
 //! is in [`crate::proxy::cutover`] and [`crate::proxy::freeze`].
 //!
 //! Entry points: [`run_setup`] (`pgshift cutover-setup`), [`readiness`] (`pgshift check`),
-//! [`promote_guardrails`] and [`procedure::freeze_and_catch_up`] (the controller's `promote`).
+//! [`cutover_guardrails`] and [`procedure::freeze_and_catch_up`] (the controller's `promote`).
 
 pub mod catalog;
 pub mod guardrails;
@@ -52,9 +52,13 @@ pub struct SetupArgs {
     /// Print the SQL that is missing and change nothing.
     #[arg(long)]
     pub print: bool,
-    /// How long to wait for green's subscription to copy the marker table (state r).
+    /// How long to wait for the subscriptions to copy the marker table (state r).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub wait: Duration,
+    /// Set up the reverse direction, green → blue (after a promotion, for a transparent
+    /// rollback): the marker in green's publications, blue's subscriptions refreshed.
+    #[arg(long)]
+    pub reverse: bool,
 }
 
 /// Runs `pgshift cutover-setup`: exit 0 when replication is ready for a transparent cutover,
@@ -87,7 +91,15 @@ pub fn run_setup(args: SetupArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(set_up(&connections, args.print, args.wait)) {
+    let direction = if args.reverse {
+        Direction {
+            publisher: Color::Green,
+            subscriber: Color::Blue,
+        }
+    } else {
+        Direction::FORWARD
+    };
+    match runtime.block_on(set_up(&connections, direction, args.print, args.wait)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(error) => {
@@ -97,18 +109,19 @@ pub fn run_setup(args: SetupArgs) -> ExitCode {
     }
 }
 
-async fn forward_plan(connections: &Connections) -> Result<SetupPlan, String> {
-    let databases = catalog::read_replication(connections, Direction::FORWARD).await?;
-    Ok(plan_setup(Direction::FORWARD, &databases))
+async fn plan_for(connections: &Connections, direction: Direction) -> Result<SetupPlan, String> {
+    let databases = catalog::read_replication(connections, direction).await?;
+    Ok(plan_setup(direction, &databases))
 }
 
 /// Applies (or prints) the missing steps, then waits for the marker's copy. `Ok(true)`: ready.
 async fn set_up(
     connections: &Connections,
+    direction: Direction,
     print_only: bool,
     wait: Duration,
 ) -> Result<bool, String> {
-    let plan = forward_plan(connections).await?;
+    let plan = plan_for(connections, direction).await?;
     if print_only {
         if plan.steps.is_empty() {
             println!("-- nothing to create: the marker table is set up everywhere");
@@ -126,14 +139,15 @@ async fn set_up(
         );
     }
     let deadline = tokio::time::Instant::now() + wait;
-    let mut plan = forward_plan(connections).await?;
+    let mut plan = plan_for(connections, direction).await?;
     while !plan.copying_marker.is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(SETUP_POLL).await;
-        plan = forward_plan(connections).await?;
+        plan = plan_for(connections, direction).await?;
     }
     if plan.is_ready() {
         println!(
-            "ready: the marker table is on blue and green in every replicated database and green's subscriptions have every table in state r"
+            "ready: the marker table is on blue and green in every replicated database and {}'s subscriptions have every table in state r",
+            direction.subscriber
         );
         return Ok(true);
     }
@@ -258,7 +272,7 @@ pub async fn readiness(
 
 /// The guardrails before promoting (`Color::Green` as the new color) or rolling back to blue,
 /// read from the running pgshift's sessions and both colors.
-pub async fn promote_guardrails(shared: &Shared, new: Color, force: bool) -> GuardReport {
+pub async fn cutover_guardrails(shared: &Shared, new: Color, force: bool) -> GuardReport {
     let config = shared.config.load_full();
     let direction = Direction {
         publisher: new.other(),
@@ -277,21 +291,16 @@ pub async fn promote_guardrails(shared: &Shared, new: Color, force: bool) -> Gua
             direction,
             shared.sessions.count(Some(direction.publisher)),
             config.cutover.sync_sequences,
-            config.cutover.reverse_slot.is_some(),
+            // The reverse slot is created at promote only (green publishes back to blue).
+            config
+                .cutover
+                .reverse_slot
+                .as_deref()
+                .filter(|_| new == Color::Green),
             || shared.cancels.backend_pids(direction.publisher),
         )
         .await
     };
-    let mut unbuilt = Vec::new();
-    if config.cutover.reverse_slot.is_some() {
-        unbuilt.push("[cutover] reverse_slot: the reverse replication slot is not in this build yet; remove it and create the slot by hand".to_string());
-    }
-    if !unbuilt.is_empty() {
-        return GuardReport {
-            refusals: unbuilt,
-            ..GuardReport::default()
-        };
-    }
     let limit = config.backend(new).connect_timeout * 4 + READINESS_TIMEOUT;
     let facts = match tokio::time::timeout(limit, gathered).await {
         Ok(Ok(facts)) => facts,

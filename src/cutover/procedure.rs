@@ -68,6 +68,19 @@ pub struct CutoverOutcome {
     pub subscriptions: Vec<String>,
     /// `sync_sequences`: the sequences set on the new color (and those missing there).
     pub sequences: Vec<String>,
+    /// `reverse_slot` (promote): the slot created on green, and the subscription to create on
+    /// blue with it.
+    pub reverse: Option<ReverseSlot>,
+}
+
+/// The reverse replication slot a promote created, and how to use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReverseSlot {
+    pub slot: String,
+    pub database: String,
+    pub lsn: String,
+    /// The statement to run on blue once the promote is done.
+    pub subscription_sql: String,
 }
 
 /// Sessions frozen and the new color caught up: waiting for the controller's routing switch.
@@ -211,7 +224,64 @@ pub async fn freeze_and_catch_up(
         .await
         .map_err(fail("sequences"))?;
     }
+    if let (Some(slot), Color::Green) = (cutover.reverse_slot.as_deref(), to) {
+        // Creating a logical slot waits for green's transactions in progress to end.
+        let created = tokio::time::timeout(
+            cutover.catchup_timeout,
+            create_reverse_slot(&frozen.connections, &config, &databases, slot),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "green's transactions in progress did not end within catchup_timeout ({:?})",
+                cutover.catchup_timeout
+            ))
+        })
+        .map_err(fail("reverse slot"))?;
+        frozen.outcome.reverse = Some(created);
+    }
     Ok(frozen)
+}
+
+/// Creates the reverse slot on green in the replicated database, once blue is quiet and before
+/// green takes blue's sessions: every write green takes from now on reaches blue through it.
+async fn create_reverse_slot(
+    connections: &Connections,
+    config: &crate::config::Config,
+    databases: &[super::setup::DatabaseFacts],
+    slot: &str,
+) -> Result<ReverseSlot, String> {
+    let [facts] = databases else {
+        return Err(format!(
+            "reverse_slot needs exactly one replicated database, found {}",
+            databases.len()
+        ));
+    };
+    let database = facts.database.clone();
+    let green = connections.connect(Color::Green, Some(&database)).await?;
+    let publications = catalog::read_reverse(&green, Color::Green, slot)
+        .await?
+        .publications;
+    drop(green);
+    let lsn = catalog::create_slot(connections, Color::Green, slot, &database).await?;
+    let backend = config.backend(Color::Green);
+    let subscription_sql = format!(
+        "CREATE SUBSCRIPTION pgshift_reverse CONNECTION 'host={} port={} dbname={database} user=<a replication role>' PUBLICATION {} WITH (create_slot = false, slot_name = '{slot}', copy_data = false);",
+        backend.host,
+        backend.port,
+        publications
+            .iter()
+            .map(|name| crate::probe::table::quote_identifier(name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    tracing::info!(slot, %lsn, "cutover: reverse replication slot created on green; on blue run: {subscription_sql}");
+    Ok(ReverseSlot {
+        slot: slot.to_string(),
+        database,
+        lsn,
+        subscription_sql,
+    })
 }
 
 impl FrozenCutover<'_> {

@@ -41,6 +41,12 @@ impl Direction {
         publisher: Color::Blue,
         subscriber: Color::Green,
     };
+
+    /// Green → blue: the reverse replication a rollback after a promotion rides on. It starts
+    /// at the cutover with the data already on both sides (`copy_data = false`).
+    pub fn is_reverse(self) -> bool {
+        self.publisher == Color::Green
+    }
 }
 
 /// A publication on the publisher that a subscription reads.
@@ -220,8 +226,14 @@ pub fn plan_setup(direction: Direction, databases: &[DatabaseFacts]) -> SetupPla
                     color: subscriber,
                     database: database.clone(),
                     sql: format!(
-                        "ALTER SUBSCRIPTION {} REFRESH PUBLICATION;",
-                        quote_identifier(&subscription.name)
+                        "ALTER SUBSCRIPTION {} REFRESH PUBLICATION{};",
+                        quote_identifier(&subscription.name),
+                        // Both sides hold the same marker rows already: a copy would collide.
+                        if direction.is_reverse() {
+                            " WITH (copy_data = false)"
+                        } else {
+                            ""
+                        }
                     ),
                     why: "so the subscription learns the marker table".to_string(),
                 }),
@@ -376,5 +388,9 @@ mod tests {
         let plan = plan_setup(reverse, &[database(false)]);
         assert_eq!(plan.steps[0].color, Color::Blue);
         assert_eq!(plan.steps[1].color, Color::Green);
+        assert_eq!(
+            plan.steps[3].sql,
+            "ALTER SUBSCRIPTION \"shop_sub\" REFRESH PUBLICATION WITH (copy_data = false);"
+        );
     }
 }
