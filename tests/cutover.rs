@@ -1103,3 +1103,51 @@ async fn promote_under_32_probe_sessions_loses_nothing() {
     assert!(stall <= 1000.0, "longest stall {stall} ms\n{text}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_abort_stops_a_running_cutover_and_other_commands_wait_their_turn() {
+    let (pair, server) = transparent_server("freeze_timeout = \"20s\"").await;
+    let busy = session(&server).await;
+    busy.batch_execute("BEGIN; INSERT INTO orders VALUES (gen_random_uuid(), 'kept')")
+        .await
+        .expect("a transaction that holds the freeze open");
+    let started = std::time::Instant::now();
+    let promote = {
+        let socket = server.socket_path();
+        tokio::spawn(async move { support::pgshift::admin_command(&socket, "promote").await })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // A login during the freeze is held at the gate.
+    let late = {
+        let dsn = server.app_dsn();
+        tokio::spawn(async move { connect(&dsn).await })
+    };
+    let refused = refusal(&server.admin("weight 50").await);
+    assert!(
+        refused.contains("a transparent cutover to green is in progress (step freeze"),
+        "{refused}"
+    );
+    let aborting = server.admin("cutover abort").await;
+    assert_eq!(aborting["ok"], true, "{aborting}");
+    let error = refusal(&promote.await.expect("promote"));
+    assert!(
+        error.contains("cutover aborted at freeze: stopped by `cutover abort`"),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "aborted well before freeze_timeout"
+    );
+    let late = tokio::time::timeout(Duration::from_secs(10), late)
+        .await
+        .expect("the held login goes on")
+        .expect("task");
+    assert_served_by(&late, &pair.blue).await;
+    busy.batch_execute("COMMIT").await.expect("commit on blue");
+    assert_eq!(server.admin("status").await["green_weight"], 0.0);
+    assert!(
+        refusal(&server.admin("cutover abort").await).starts_with("no cutover is in progress"),
+        "once over, there is nothing to abort"
+    );
+    server.stop().await;
+}

@@ -20,19 +20,65 @@ pub struct Request {
 }
 
 /// A cheap, cloneable way to send commands to the controller and await the answer.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ControllerHandle {
     requests: mpsc::Sender<Request>,
+    /// The proxy's state, to answer while the controller runs a transparent cutover.
+    shared: Option<Arc<Shared>>,
+}
+
+impl std::fmt::Debug for ControllerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ControllerHandle { .. }")
+    }
 }
 
 impl ControllerHandle {
     /// A handle over a request channel (the controller, or a stand-in in tests).
     pub fn from_channel(requests: mpsc::Sender<Request>) -> ControllerHandle {
-        ControllerHandle { requests }
+        ControllerHandle {
+            requests,
+            shared: None,
+        }
     }
 
-    /// Sends `command` and waits for the controller's answer.
+    /// Sends `command` and waits for the controller's answer. While the controller runs a
+    /// transparent cutover, `cutover abort` is answered here at once (the cutover stops at its
+    /// next check), `status` and `promote --check` wait for it, and any other command is
+    /// refused.
     pub async fn execute(&self, command: Command, actor: Actor) -> Reply {
+        if let Some(shared) = &self.shared
+            && let Some(running) = shared.cutover.running_now()
+        {
+            match &command {
+                Command::CutoverAbort => {
+                    let running = shared
+                        .cutover
+                        .request_abort(&actor.to_string())
+                        .unwrap_or(running);
+                    tracing::warn!(%actor, step = running.step, "cutover abort requested");
+                    let mut reply = Map::new();
+                    reply.insert(
+                        "aborting".into(),
+                        json!(format!(
+                            "the cutover to {} stops at its next check (step {} now) and every session resumes where it was; the promote or rollback reply says so",
+                            running.to, running.step
+                        )),
+                    );
+                    return Ok(reply);
+                }
+                Command::Status | Command::Promote { check_only: true, .. } => {}
+                other => {
+                    return Err(format!(
+                        "a transparent cutover to {} is in progress (step {}, for {:.1}s): `{}` is refused until it ends; `cutover abort` stops it",
+                        running.to,
+                        running.step,
+                        running.started.elapsed().as_secs_f64(),
+                        other.verb()
+                    ));
+                }
+            }
+        }
         let (reply, answer) = oneshot::channel();
         let request = Request {
             command,
@@ -64,6 +110,7 @@ use crate::color::Color;
 use crate::config::{Config, CutoverMode};
 use crate::cutover::guardrails::GuardReport;
 use crate::proxy::Shared;
+use crate::proxy::cutover::CutoverRun;
 use crate::proxy::registry::{CloseOrder, CloseReason};
 use crate::rollout::lag::{self, LagReading};
 use crate::rollout::plan::{self, PlanAction, PlanMemory};
@@ -153,6 +200,7 @@ impl Controller {
             }
         }
         let shared_for_lag = shared.clone();
+        let shared_for_handle = shared.clone();
         let controller = Controller {
             shared,
             store,
@@ -171,7 +219,11 @@ impl Controller {
         controller.publish();
         let (sender, receiver) = mpsc::channel(64);
         let task = tokio::spawn(controller.run(receiver));
-        (ControllerHandle::from_channel(sender), task)
+        let handle = ControllerHandle {
+            requests: sender,
+            shared: Some(shared_for_handle),
+        };
+        (handle, task)
     }
 
     async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
@@ -206,6 +258,14 @@ impl Controller {
                     "promote"
                 };
                 crate::auth::verifiers_gate(&self.shared, verb).await?;
+                // A real transparent promote is a running cutover from its guardrails on: the
+                // admin socket answers `cutover abort` and refuses other changes meanwhile.
+                let shared = self.shared.clone();
+                let run = if transparent && !check_only {
+                    Some(shared.cutover.begin(Color::Green).ok_or("a cutover is running already")?)
+                } else {
+                    None
+                };
                 let guardrails = if transparent {
                     Some(
                         crate::cutover::cutover_guardrails(&self.shared, Color::Green, force).await,
@@ -224,10 +284,10 @@ impl Controller {
                         report.refusals.join("\n  ")
                     ));
                 }
-                let Some(report) = guardrails else {
+                let (Some(report), Some(run)) = (guardrails, run) else {
                     return self.handle(command, actor);
                 };
-                self.transparent_switch(command, actor, Color::Green, report)
+                self.transparent_switch(command, actor, Color::Green, report, &run)
                     .await
             }
             Command::Rollback { .. }
@@ -263,6 +323,11 @@ impl Controller {
             );
             return Ok(reply);
         }
+        let shared = self.shared.clone();
+        let run = shared
+            .cutover
+            .begin(Color::Blue)
+            .ok_or("a cutover is running already")?;
         let report = crate::cutover::cutover_guardrails(&self.shared, Color::Blue, false).await;
         if report.refused() {
             return Err(format!(
@@ -270,7 +335,7 @@ impl Controller {
                 report.refusals.join("\n  ")
             ));
         }
-        self.transparent_switch(command, actor, Color::Blue, report)
+        self.transparent_switch(command, actor, Color::Blue, report, &run)
             .await
     }
 
@@ -282,10 +347,11 @@ impl Controller {
         actor: &Actor,
         to: Color,
         report: GuardReport,
+        run: &CutoverRun<'_>,
     ) -> Reply {
         let verb = command.verb();
         let shared = self.shared.clone();
-        let frozen = crate::cutover::procedure::freeze_and_catch_up(&shared, to)
+        let frozen = crate::cutover::procedure::freeze_and_catch_up(&shared, to, run)
             .await
             .map_err(|failure| {
                 tracing::warn!("{verb}: {failure}");
@@ -293,6 +359,7 @@ impl Controller {
             })?;
         // On a refused commit `frozen` is dropped: every session resumes where it was.
         let mut reply = self.handle(command, actor)?;
+        run.step("move");
         let outcome = frozen.commit().await;
         tracing::info!(
             moved = outcome.moved,

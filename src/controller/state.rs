@@ -257,7 +257,7 @@ pub fn apply(
             }
         },
         Command::CutoverAbort => {
-            return Err("no cutover is in progress ([cutover] mode \"drain\" closes sessions at idle points instead)".into());
+            return Err("no cutover is in progress (a transparent promote or rollback runs one; `cutover abort` stops it while it runs)".into());
         }
         Command::Status
         | Command::Reload

@@ -26,11 +26,14 @@ use super::setup::Direction;
 use crate::color::Color;
 use crate::config::CutoverTimeoutAction;
 use crate::proxy::Shared;
-use crate::proxy::cutover::{CutoverPhase, FreezeReport, Unmovable};
+use crate::proxy::cutover::{CutoverPhase, CutoverRun, FreezeReport, Unmovable};
 use crate::proxy::registry::{CloseOrder, CloseReason};
 
 /// How often the freeze looks again at sessions that have not reported.
 const FREEZE_POLL: Duration = Duration::from_millis(5);
+
+/// How often a wait looks for a `cutover abort`.
+const ABORT_POLL: Duration = Duration::from_millis(10);
 
 /// The longest wait for frozen sessions to act on the commit.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -102,6 +105,16 @@ impl Drop for FrozenCutover<'_> {
     }
 }
 
+/// Resolves once `check` finds an abort request (it is polled).
+async fn abort_asked(check: impl Fn() -> Option<CutoverFailure>) -> CutoverFailure {
+    loop {
+        if let Some(failure) = check() {
+            return failure;
+        }
+        tokio::time::sleep(ABORT_POLL).await;
+    }
+}
+
 /// Everyone resumes on the old color; held logins go on.
 fn resume(shared: &Shared) {
     shared.cutover.set(CutoverPhase::Abort);
@@ -109,10 +122,11 @@ fn resume(shared: &Shared) {
 }
 
 /// Steps 1 and 2: freeze every session of `to.other()`, then wait for the new color to catch up.
-pub async fn freeze_and_catch_up(
-    shared: &Shared,
+pub async fn freeze_and_catch_up<'a>(
+    shared: &'a Shared,
     to: Color,
-) -> Result<FrozenCutover<'_>, CutoverFailure> {
+    run: &CutoverRun<'_>,
+) -> Result<FrozenCutover<'a>, CutoverFailure> {
     let config = shared.config.load_full();
     let cutover = &config.cutover;
     let from = to.other();
@@ -121,6 +135,13 @@ pub async fn freeze_and_catch_up(
         subscriber: to,
     };
     let fail = |step: &'static str| move |reason: String| CutoverFailure { step, reason };
+    let aborted = |step: &'static str| {
+        run.abort_requested().map(|by| CutoverFailure {
+            step,
+            reason: format!("stopped by `cutover abort` ({by})"),
+        })
+    };
+    run.step("prepare");
     let connections = Connections::new(
         config.clone(),
         [
@@ -136,6 +157,10 @@ pub async fn freeze_and_catch_up(
         .await
         .map_err(fail("prepare"))?;
 
+    if let Some(failure) = aborted("prepare") {
+        return Err(failure);
+    }
+    run.step("freeze");
     let started = Instant::now();
     let (sender, mut receiver) = mpsc::unbounded_channel();
     shared.cutover.set(CutoverPhase::Holding {
@@ -163,6 +188,9 @@ pub async fn freeze_and_catch_up(
     }
     let mut expected: HashSet<u64> = shared.sessions.ids(from).into_iter().collect();
     loop {
+        if let Some(failure) = aborted("freeze") {
+            return Err(failure);
+        }
         while let Ok(report) = receiver.try_recv() {
             frozen.record(report);
         }
@@ -210,11 +238,19 @@ pub async fn freeze_and_catch_up(
     }
     frozen.outcome.freeze = started.elapsed();
 
-    let caught_up = super::catch_up(&mut links, cutover.catchup_timeout)
-        .await
-        .map_err(fail("catch-up"))?;
+    run.step("catch-up");
+    let caught_up = tokio::select! {
+        caught_up = super::catch_up(&mut links, cutover.catchup_timeout) => {
+            caught_up.map_err(fail("catch-up"))?
+        }
+        failure = abort_asked(|| aborted("catch-up")) => return Err(failure),
+    };
     frozen.outcome.catchup = caught_up;
+    if let Some(failure) = aborted("catch-up") {
+        return Err(failure);
+    }
     if cutover.sync_sequences {
+        run.step("sequences");
         frozen.outcome.sequences = super::sequences::sync(
             &frozen.connections,
             direction,
@@ -225,6 +261,7 @@ pub async fn freeze_and_catch_up(
         .map_err(fail("sequences"))?;
     }
     if let (Some(slot), Color::Green) = (cutover.reverse_slot.as_deref(), to) {
+        run.step("reverse slot");
         // Creating a logical slot waits for green's transactions in progress to end.
         let created = tokio::time::timeout(
             cutover.catchup_timeout,

@@ -89,11 +89,24 @@ pub struct FreezeReport {
     pub movable: Result<(), Unmovable>,
 }
 
-/// The phase, and the logins between the gate and their registration.
+/// The phase, the logins between the gate and their registration, and the cutover running
+/// now (for the admin socket, which answers `cutover abort` and refuses other changes while
+/// the controller is busy with it).
 #[derive(Debug)]
 pub struct CutoverCoordinator {
     phase: watch::Sender<CutoverPhase>,
     logins_in_flight: AtomicUsize,
+    running: std::sync::Mutex<Option<RunningCutover>>,
+}
+
+/// A cutover under way: where to, which step, and an abort asked for.
+#[derive(Debug, Clone)]
+pub struct RunningCutover {
+    pub to: Color,
+    pub step: &'static str,
+    pub started: std::time::Instant,
+    /// Who asked to abort it, once someone did.
+    pub abort: Option<String>,
 }
 
 impl Default for CutoverCoordinator {
@@ -101,7 +114,36 @@ impl Default for CutoverCoordinator {
         CutoverCoordinator {
             phase: watch::channel(CutoverPhase::Idle).0,
             logins_in_flight: AtomicUsize::new(0),
+            running: std::sync::Mutex::new(None),
         }
+    }
+}
+
+/// Marks a cutover as running until dropped.
+pub struct CutoverRun<'a> {
+    coordinator: &'a CutoverCoordinator,
+}
+
+impl Drop for CutoverRun<'_> {
+    fn drop(&mut self) {
+        *self.coordinator.running() = None;
+    }
+}
+
+impl CutoverRun<'_> {
+    /// The step the cutover is at now.
+    pub fn step(&self, step: &'static str) {
+        if let Some(running) = self.coordinator.running().as_mut() {
+            running.step = step;
+        }
+    }
+
+    /// Who asked to abort, if anyone did.
+    pub fn abort_requested(&self) -> Option<String> {
+        self.coordinator
+            .running()
+            .as_ref()
+            .and_then(|running| running.abort.clone())
     }
 }
 
@@ -119,6 +161,39 @@ impl Drop for LoginPass<'_> {
 }
 
 impl CutoverCoordinator {
+    fn running(&self) -> std::sync::MutexGuard<'_, Option<RunningCutover>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a cutover to `to`; `None` when one is running already.
+    pub fn begin(&self, to: Color) -> Option<CutoverRun<'_>> {
+        let mut running = self.running();
+        if running.is_some() {
+            return None;
+        }
+        *running = Some(RunningCutover {
+            to,
+            step: "guardrails",
+            started: std::time::Instant::now(),
+            abort: None,
+        });
+        Some(CutoverRun { coordinator: self })
+    }
+
+    /// The cutover running now, if any.
+    pub fn running_now(&self) -> Option<RunningCutover> {
+        self.running().clone()
+    }
+
+    /// Asks the running cutover to abort (it stops at its next check and every session
+    /// resumes on the old color); the cutover as it was, or `None` when none runs.
+    pub fn request_abort(&self, by: &str) -> Option<RunningCutover> {
+        let mut running = self.running();
+        let cutover = running.as_mut()?;
+        cutover.abort.get_or_insert_with(|| by.to_string());
+        Some(cutover.clone())
+    }
+
     /// A receiver of the phase, for a session's relay.
     pub fn watch(&self) -> watch::Receiver<CutoverPhase> {
         self.phase.subscribe()

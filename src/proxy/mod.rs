@@ -126,6 +126,11 @@ impl Proxy {
     pub async fn shutdown(self) {
         let shared = &self.shared;
         shared.shutting_down.store(true, Ordering::Release);
+        // A transparent cutover under way stops first: its frozen sessions resume, then close
+        // at their idle points like the others.
+        if shared.cutover.request_abort("shutdown").is_some() {
+            tracing::warn!("shutting down: the transparent cutover under way is aborted first");
+        }
         let timeout = shared.config.load().listen.shutdown_timeout;
         let open = shared
             .sessions
