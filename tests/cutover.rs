@@ -803,62 +803,70 @@ async fn session_state_moves_with_the_session_and_what_cannot_is_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgbench_prepared_straddling_the_cutover_fails_no_transaction() {
+async fn pgbench_straddling_the_cutover_fails_no_transaction() {
     let (pair, server) = transparent_server("").await;
     let script_dir = tempfile::tempdir().expect("temp dir");
-    let script = script_dir.path().join("orders.sql");
-    std::fs::write(
-        &script,
-        "INSERT INTO orders VALUES (gen_random_uuid(), 'pgbench');\nSELECT count(*) FROM orders WHERE note = 'none';\n",
-    )
-    .expect("script");
-    let pgbench = pair.blue.bin("pgbench");
-    let port = server.port;
-    let bench = tokio::task::spawn_blocking(move || {
-        Command::new(pgbench)
-            .args([
-                "-n", "-M", "prepared", "-c", "4", "-j", "2", "-T", "4", "-f",
-            ])
-            .arg(&script)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                TEST_USER,
-                APP_DB,
-            ])
-            .env("PGPASSWORD", TEST_PASSWORD)
-            .output()
-            .expect("run pgbench")
-    });
+    // Named statements (-M prepared) and the unnamed statement parsed again each time
+    // (-M extended) both move.
+    let benches: Vec<_> = ["prepared", "extended"]
+        .into_iter()
+        .map(|mode| {
+            let script = script_dir.path().join(format!("{mode}.sql"));
+            std::fs::write(
+                &script,
+                format!(
+                    "INSERT INTO orders VALUES (gen_random_uuid(), 'pgbench {mode}');\nSELECT count(*) FROM orders WHERE note = 'none';\n"
+                ),
+            )
+            .expect("script");
+            let pgbench = pair.blue.bin("pgbench");
+            let port = server.port;
+            tokio::task::spawn_blocking(move || {
+                let output = Command::new(pgbench)
+                    .args(["-n", "-M", mode, "-c", "3", "-j", "1", "-T", "4", "-f"])
+                    .arg(&script)
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", TEST_USER, APP_DB])
+                    .env("PGPASSWORD", TEST_PASSWORD)
+                    .output()
+                    .expect("run pgbench");
+                (mode, output)
+            })
+        })
+        .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let reply = server.admin("promote").await;
     assert_eq!(reply["ok"], true, "{reply}");
     assert!(
-        reply["cutover"]["sessions_moved"].as_u64().unwrap_or(0) >= 4,
+        reply["cutover"]["sessions_moved"].as_u64().unwrap_or(0) >= 6,
         "{reply}"
     );
-    let output = bench.await.expect("pgbench");
-    let text = describe(&output);
-    assert_eq!(output.status.code(), Some(0), "{text}");
-    assert!(text.contains("number of failed transactions: 0"), "{text}");
-    let on_green: i64 = pair
-        .green
-        .psql_db(APP_DB, "SELECT count(*) FROM orders WHERE note = 'pgbench'")
-        .parse()
-        .expect("count");
-    let processed: i64 = text
-        .lines()
-        .find_map(|line| line.strip_prefix("number of transactions actually processed: "))
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|n| n.trim().parse().ok())
-        .expect("processed count");
-    assert_eq!(
-        on_green, processed,
-        "every pgbench insert is on green\n{text}"
-    );
+    for bench in benches {
+        let (mode, output) = bench.await.expect("pgbench");
+        let text = describe(&output);
+        assert_eq!(output.status.code(), Some(0), "-M {mode}: {text}");
+        assert!(
+            text.contains("number of failed transactions: 0"),
+            "-M {mode}: {text}"
+        );
+        let on_green: i64 = pair
+            .green
+            .psql_db(
+                APP_DB,
+                &format!("SELECT count(*) FROM orders WHERE note = 'pgbench {mode}'"),
+            )
+            .parse()
+            .expect("count");
+        let processed: i64 = text
+            .lines()
+            .find_map(|line| line.strip_prefix("number of transactions actually processed: "))
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|n| n.trim().parse().ok())
+            .expect("processed count");
+        assert_eq!(
+            on_green, processed,
+            "every -M {mode} insert is on green\n{text}"
+        );
+    }
     server.stop().await;
 }
 

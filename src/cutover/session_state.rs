@@ -4,7 +4,8 @@
 //! Replayed, in this order: the settings made with `SET` (and the custom ones named in
 //! `[cutover] carry_gucs`), `SET ROLE`, the protocol-level prepared statements (re-parsed under
 //! their names with their parameter types; a Describe of each must say the same on both
-//! backends), and the LISTEN channels. A session is **unmovable** — closed with 57P01 at the
+//! backends), the LISTEN channels, `client_encoding`, and the unnamed statement (the relay's
+//! copy of its Parse). A session is **unmovable** — closed with 57P01 at the
 //! commit — when it holds what cannot be carried: temp tables, advisory locks, WITH HOLD
 //! cursors, SQL-level `PREPARE`d statements, or a `SET SESSION AUTHORIZATION`. Never carried (no catalog shows them; documented in
 //! docs/CUTOVER.md): currval/lastval, setseed, LOAD, PL session globals, dblink/fdw
@@ -17,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::probe::table::quote_identifier;
 use crate::protocol::messages;
-use crate::protocol::side_query::{self, SideOutcome, SideResponse, SideResult};
+use crate::protocol::side_query::{self, SideOutcome, SideRequest, SideResponse, SideResult};
 use crate::proxy::cutover::Unmovable;
 use crate::tls::BackendStream;
 
@@ -80,6 +81,9 @@ pub struct PreparedStatement {
 /// What a movable session replays on its new backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionState {
+    /// The Parse message of the unnamed statement, parsed again last (after the client's
+    /// encoding is set: its text is in that encoding).
+    pub unnamed_parse: Option<Vec<u8>>,
     pub settings: Vec<(String, String)>,
     /// `SET ROLE` in force (`None`: `none`).
     pub role: Option<String>,
@@ -184,6 +188,7 @@ pub async fn read(
         .filter_map(|row| row.into_iter().next().flatten())
         .collect();
     Ok(SessionState {
+        unnamed_parse: None,
         settings,
         role,
         statements,
@@ -266,8 +271,26 @@ pub async fn replay(
             .await
             .map_err(|Unmovable(reason)| Unmovable(format!("replaying {name}: {reason}")))?;
     }
+    if let Some(parse) = &state.unnamed_parse {
+        request(
+            backend,
+            |out| {
+                out.extend_from_slice(parse);
+                out.extend_from_slice(&SYNC);
+                Ok(SideResponse::new(SideRequest::Parse))
+            },
+            reported,
+        )
+        .await
+        .map_err(|Unmovable(reason)| {
+            Unmovable(format!("parsing its unnamed statement again: {reason}"))
+        })?;
+    }
     Ok(())
 }
+
+/// A Sync message.
+const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
 
 /// A text array literal of `items` (`{"a","b"}`), for a `text[]` parameter.
 fn pg_array<'a>(items: impl Iterator<Item = &'a str>) -> String {

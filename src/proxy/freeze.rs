@@ -18,7 +18,7 @@ use super::Shared;
 use super::backend::{self, LoginSecret};
 use super::cutover::{CutoverPhase, FreezeReport, Unmovable};
 use super::registry::{CloseOrder, SessionTicket};
-use super::relay::{Relay, SessionEnd};
+use super::relay::{Relay, SessionEnd, UnnamedStatement};
 use crate::auth::keys::Credential;
 use crate::auth::verifiers::{RoleSecret, Sources};
 use crate::color::Color;
@@ -157,7 +157,17 @@ async fn prepare(
     )
     .await;
     relay.forward_to_client(&for_client);
-    let state = state?;
+    let mut state = state?;
+    state.unnamed_parse = match relay.unnamed_statement() {
+        UnnamedStatement::None => None,
+        UnnamedStatement::Parsed(parse) => Some(parse.clone()),
+        UnnamedStatement::Unreadable => {
+            return Err(Unmovable(
+                "its unnamed prepared statement was parsed from a message too large for pgshift to read, so it cannot be parsed again"
+                    .into(),
+            ));
+        }
+    };
     let sources = Sources {
         config,
         tls: &shared.tls,

@@ -76,7 +76,9 @@ const BACKEND_INSPECTED_MOVED: TagSet = TagSet::of(b"EZKGHWSA");
 /// ... and, while it watches a login for channel binding, Authentication requests.
 const BACKEND_INSPECTED_WATCHING_SASL: TagSet = TagSet::of(b"EZKGHWSR");
 /// Client messages read while watching a login for channel binding: SASLInitialResponse.
-const CLIENT_INSPECTED_WATCHING_SASL: TagSet = TagSet::of(b"p");
+const CLIENT_INSPECTED_WATCHING_SASL: TagSet = TagSet::of(b"pP");
+/// Client messages read: Parse, to remember the unnamed statement a cutover must carry.
+const CLIENT_INSPECTED: TagSet = TagSet::of(b"P");
 
 /// Bytes read but not yet written, in one flat, reusable vector.
 #[derive(Debug)]
@@ -393,6 +395,9 @@ pub struct Relay<'a, C, B> {
     parameters: Vec<(String, String)>,
     /// A cutover freezes this session's color: stop at the next idle point.
     freeze_requested: bool,
+    /// The unnamed prepared statement, as the client last parsed it (since its last simple
+    /// Query), for a cutover to parse again on the new backend.
+    unnamed_statement: UnnamedStatement,
     /// Frozen flag and cancel doorbell, shared with this session's cancel-table entry.
     held: Arc<HeldCancel>,
     /// After a move: notifications from the new backend's PID (its own NOTIFYs) carry the PID
@@ -420,7 +425,7 @@ where
         let stats = identity.shared.stats.color(identity.color);
         let (sasl_watch, client_inspected, backend_inspected) = match hops {
             TlsHops { backend: false, .. } => {
-                (SaslWatch::Off, TagSet::default(), BACKEND_INSPECTED)
+                (SaslWatch::Off, CLIENT_INSPECTED, BACKEND_INSPECTED)
             }
             TlsHops { client: true, .. } => (
                 SaslWatch::AwaitingSaslRequest,
@@ -429,7 +434,7 @@ where
             ),
             TlsHops { client: false, .. } => (
                 SaslWatch::AwaitingSaslRequest,
-                TagSet::default(),
+                CLIENT_INSPECTED,
                 BACKEND_INSPECTED_WATCHING_SASL,
             ),
         };
@@ -458,6 +463,7 @@ where
             parameters: Vec::new(),
             freeze_requested: false,
             notification_pid: None,
+            unnamed_statement: UnnamedStatement::None,
             held: Arc::default(),
         };
         let now = Instant::now();
@@ -604,6 +610,11 @@ where
         }
         self.to_client.buffer.extend(messages);
         let _ = self.scan_backend(Instant::now());
+    }
+
+    /// The unnamed statement a cutover must parse again on the new backend.
+    pub fn unnamed_statement(&self) -> &UnnamedStatement {
+        &self.unnamed_statement
     }
 
     /// This session's frozen flag and cancel doorbell.
@@ -838,6 +849,7 @@ where
                 let start = flow.buffer.start;
                 let flag = frame
                     .body
+                    .clone()
                     .map(|range| &flow.buffer.data[start + range.start..start + range.end])
                     .and_then(|body| sasl::parse_sasl_initial_response(body).ok())
                     .and_then(|response| response.channel_binding);
@@ -849,6 +861,30 @@ where
                 }
             }
             self.client_terminated |= frame.tag == b'X';
+            match frame.tag {
+                b'Q' => self.unnamed_statement = UnnamedStatement::None,
+                b'P' => {
+                    let flow = &self.to_backend;
+                    let start = flow.buffer.start;
+                    self.unnamed_statement = match frame.body {
+                        // A Parse's body starts with the statement name: empty is unnamed.
+                        Some(range) if flow.buffer.data.get(start + range.start) == Some(&0) => {
+                            let whole = start + range.start - 5..start + range.end;
+                            let mut parse = match std::mem::take(&mut self.unnamed_statement) {
+                                UnnamedStatement::Parsed(previous) => previous,
+                                _ => Vec::new(),
+                            };
+                            parse.clear();
+                            parse.extend_from_slice(&flow.buffer.data[whole]);
+                            UnnamedStatement::Parsed(parse)
+                        }
+                        Some(_) => std::mem::take(&mut self.unnamed_statement),
+                        // Too large to be read: unknown.
+                        None => UnnamedStatement::Unreadable,
+                    };
+                }
+                _ => {}
+            }
             self.requests.on_client_message(frame.tag, now.into_std());
         }
     }
@@ -857,7 +893,7 @@ where
     fn stop_watching_sasl(&mut self) {
         if self.sasl_watch != SaslWatch::Off {
             self.sasl_watch = SaslWatch::Off;
-            self.to_backend.framer.set_inspected(TagSet::default());
+            self.to_backend.framer.set_inspected(CLIENT_INSPECTED);
             self.to_client.framer.set_inspected(BACKEND_INSPECTED);
         }
     }
@@ -1087,6 +1123,18 @@ where
             self.stats.record_request(None, Some(*b"08006"));
         }
     }
+}
+
+/// The client's unnamed prepared statement, as far as the relay saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum UnnamedStatement {
+    /// None since the last simple Query (which destroys it), or never parsed.
+    #[default]
+    None,
+    /// The whole Parse message that made it.
+    Parsed(Vec<u8>),
+    /// A Parse too large for the relay to read: it cannot be carried.
+    Unreadable,
 }
 
 /// Records `name` = `value`; true when the value is new or changed.
