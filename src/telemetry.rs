@@ -172,6 +172,20 @@ fn describe_and_register() {
         Unit::Count,
         "Sessions a transparent cutover closed with 57P01 (state it cannot carry, or a transaction past freeze_timeout)"
     );
+    describe_gauge!(
+        "pgshift_cutover_held_requests",
+        Unit::Count,
+        "Sessions frozen by the transparent cutover under way, their next request held (0 outside one)"
+    );
+    describe_counter!(
+        "pgshift_cutovers_total",
+        Unit::Count,
+        "Transparent cutovers by outcome: completed, aborted (freeze, catch-up, cutover abort), refused (guardrails)"
+    );
+    gauge!("pgshift_cutover_held_requests").increment(0.0);
+    for outcome in ["completed", "aborted", "refused"] {
+        counter!("pgshift_cutovers_total", "outcome" => outcome).increment(0);
+    }
     gauge!("pgshift_cutover_freeze_seconds").increment(0.0);
     gauge!("pgshift_cutover_catchup_seconds").increment(0.0);
     counter!("pgshift_cutover_sessions_moved_total").increment(0);

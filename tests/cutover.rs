@@ -558,6 +558,12 @@ async fn promote_moves_sessions_to_green_without_an_error_or_a_lost_write() {
         "{reply}"
     );
     eprintln!("promote reply: {reply}");
+    let status = server.admin("status").await;
+    assert_eq!(status["cutover"]["outcome"], "completed", "{status}");
+    let steps = status["cutover"]["steps"].to_string();
+    for step in ["guardrails", "prepare", "freeze", "catch-up", "move"] {
+        assert!(steps.contains(&format!("\"{step}\"")), "{step}: {status}");
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
 
@@ -626,6 +632,15 @@ async fn a_transaction_past_freeze_timeout_aborts_the_cutover_and_nothing_is_los
     );
     let status = server.admin("status").await;
     assert_eq!(status["green_weight"], 0.0, "{status}");
+    let cutover = &status["cutover"];
+    assert_eq!(cutover["outcome"], "aborted", "{status}");
+    assert_eq!(cutover["step"], "freeze", "{status}");
+    assert!(
+        cutover["reason"]
+            .to_string()
+            .contains("did not reach an idle point within freeze_timeout"),
+        "{status}"
+    );
     // Everyone resumed on blue: the open transaction commits, the idle session works.
     busy.batch_execute("COMMIT")
         .await

@@ -149,6 +149,10 @@ pub fn render_status(status: &Map<String, Value>) -> String {
         None => out.push_str(&format!("pins: {MISSING}\n")),
     }
 
+    if let Some(cutover) = status.get("cutover").and_then(Value::as_object) {
+        out.push_str(&format!("last cutover: {}\n", describe_cutover(cutover)));
+    }
+
     match status.get("decisions").and_then(Value::as_array) {
         Some(decisions) if !decisions.is_empty() => {
             out.push_str("recent decisions (newest first)\n");
@@ -160,6 +164,52 @@ pub fn render_status(status: &Map<String, Value>) -> String {
         None => out.push_str(&format!("recent decisions: {MISSING}\n")),
     }
     out
+}
+
+/// `to green, completed at …: guardrails 12.1 ms, freeze 45.6 ms, …; 9 moved, 1 unmovable`.
+fn describe_cutover(cutover: &Map<String, Value>) -> String {
+    let text = |name: &str| cutover.get(name).map_or(MISSING.into(), plain);
+    let steps: Vec<String> = cutover
+        .get("steps")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|step| {
+            format!(
+                "{} {} ms",
+                step.get("step").map_or(MISSING.into(), plain),
+                step.get("ms")
+                    .and_then(Value::as_f64)
+                    .map_or(MISSING.into(), |ms| format_number(ms, 1))
+            )
+        })
+        .collect();
+    let head = format!("to {}, {} at {}", text("to"), text("outcome"), text("at"));
+    match cutover.get("details").and_then(Value::as_object) {
+        Some(details) => {
+            let count = |name: &str| {
+                details
+                    .get(name)
+                    .map_or(MISSING.into(), |value| match value {
+                        Value::Array(items) => items.len().to_string(),
+                        other => plain(other),
+                    })
+            };
+            format!(
+                "{head}: {}; {} moved, {} unmovable, {} terminated",
+                steps.join(", "),
+                count("sessions_moved"),
+                count("sessions_unmovable"),
+                count("sessions_terminated")
+            )
+        }
+        None => format!(
+            "{head} (step {}): {}; {}",
+            text("step"),
+            text("reason"),
+            steps.join(", ")
+        ),
+    }
 }
 
 /// `database=tenant_42 → green (config)`.
@@ -391,6 +441,30 @@ mod tests {
         assert_eq!(blue, ["blue", "-", "-", "-", "-", "-"]);
         let empty = render_status(&object(json!({"pins": [], "decisions": []})));
         assert!(empty.contains("pins: none") && empty.contains("recent decisions: none"));
+    }
+
+    #[test]
+    fn the_last_cutover_is_one_line_with_its_steps() {
+        let done = render_status(&object(json!({"cutover": {
+            "to": "green", "outcome": "completed", "at": "2026-11-29T04:00:00Z",
+            "steps": [{"step": "guardrails", "ms": 120.5}, {"step": "freeze", "ms": 45.6}],
+            "details": {"sessions_moved": 9, "sessions_unmovable": ["temp table"], "sessions_terminated": 0}
+        }})));
+        assert!(
+            done.contains("last cutover: to green, completed at 2026-11-29T04:00:00Z: guardrails 120.5 ms, freeze 45.6 ms; 9 moved, 1 unmovable, 0 terminated\n"),
+            "{done}"
+        );
+        let aborted = render_status(&object(json!({"cutover": {
+            "to": "green", "outcome": "aborted", "at": "t", "step": "freeze",
+            "reason": "1 session(s) did not reach an idle point",
+            "steps": [{"step": "freeze", "ms": 2000.0}]
+        }})));
+        assert!(
+            aborted.contains("last cutover: to green, aborted at t (step freeze): 1 session(s) did not reach an idle point; freeze 2000 ms\n"),
+            "{aborted}"
+        );
+        let never = render_status(&object(json!({"cutover": null})));
+        assert!(!never.contains("last cutover"), "{never}");
     }
 
     #[test]

@@ -67,7 +67,10 @@ impl ControllerHandle {
                     );
                     return Ok(reply);
                 }
-                Command::Status | Command::Promote { check_only: true, .. } => {}
+                Command::Status
+                | Command::Promote {
+                    check_only: true, ..
+                } => {}
                 other => {
                     return Err(format!(
                         "a transparent cutover to {} is in progress (step {}, for {:.1}s): `{}` is refused until it ends; `cutover abort` stops it",
@@ -175,6 +178,8 @@ pub struct Controller {
     config_path: PathBuf,
     plan_memory: PlanMemory,
     last_evaluation: Option<(SystemTime, Evaluation)>,
+    /// The last transparent cutover: its outcome and each step's duration (`status.cutover`).
+    last_cutover: Option<Value>,
     evaluated_at: Option<Instant>,
     lag: tokio::sync::watch::Receiver<LagReading>,
 }
@@ -213,6 +218,7 @@ impl Controller {
             config_path,
             plan_memory: PlanMemory::default(),
             last_evaluation: None,
+            last_cutover: None,
             evaluated_at: None,
             lag: lag::spawn(shared_for_lag),
         };
@@ -262,7 +268,12 @@ impl Controller {
                 // admin socket answers `cutover abort` and refuses other changes meanwhile.
                 let shared = self.shared.clone();
                 let run = if transparent && !check_only {
-                    Some(shared.cutover.begin(Color::Green).ok_or("a cutover is running already")?)
+                    Some(
+                        shared
+                            .cutover
+                            .begin(Color::Green)
+                            .ok_or("a cutover is running already")?,
+                    )
                 } else {
                     None
                 };
@@ -279,9 +290,12 @@ impl Controller {
                 if let Some(report) = &guardrails
                     && report.refused()
                 {
+                    let reason = report.refusals.join("\n  ");
+                    if let Some(run) = &run {
+                        self.record_cutover(Color::Green, run, Err(("refused", &reason)));
+                    }
                     return Err(format!(
-                        "promote refused by the cutover guardrails (nothing changed):\n  {}",
-                        report.refusals.join("\n  ")
+                        "promote refused by the cutover guardrails (nothing changed):\n  {reason}"
                     ));
                 }
                 let (Some(report), Some(run)) = (guardrails, run) else {
@@ -315,7 +329,10 @@ impl Controller {
             )?;
             crate::cutover::catalog::has_subscriptions(&connections, Color::Blue).await
         };
-        if !reverse_exists.await.map_err(|error| format!("rollback refused: {error}"))? {
+        if !reverse_exists
+            .await
+            .map_err(|error| format!("rollback refused: {error}"))?
+        {
             let mut reply = self.handle(command, actor)?;
             reply.insert(
                 "warning".into(),
@@ -330,9 +347,10 @@ impl Controller {
             .ok_or("a cutover is running already")?;
         let report = crate::cutover::cutover_guardrails(&self.shared, Color::Blue, false).await;
         if report.refused() {
+            let reason = report.refusals.join("\n  ");
+            self.record_cutover(Color::Blue, &run, Err(("refused", &reason)));
             return Err(format!(
-                "rollback refused by the cutover guardrails (nothing changed):\n  {}",
-                report.refusals.join("\n  ")
+                "rollback refused by the cutover guardrails (nothing changed):\n  {reason}"
             ));
         }
         self.transparent_switch(command, actor, Color::Blue, report, &run)
@@ -351,14 +369,22 @@ impl Controller {
     ) -> Reply {
         let verb = command.verb();
         let shared = self.shared.clone();
-        let frozen = crate::cutover::procedure::freeze_and_catch_up(&shared, to, run)
-            .await
-            .map_err(|failure| {
+        let frozen = match crate::cutover::procedure::freeze_and_catch_up(&shared, to, run).await {
+            Ok(frozen) => frozen,
+            Err(failure) => {
                 tracing::warn!("{verb}: {failure}");
-                format!("{verb} refused: {failure}")
-            })?;
+                self.record_cutover(to, run, Err(("aborted", &failure.to_string())));
+                return Err(format!("{verb} refused: {failure}"));
+            }
+        };
         // On a refused commit `frozen` is dropped: every session resumes where it was.
-        let mut reply = self.handle(command, actor)?;
+        let mut reply = match self.handle(command, actor) {
+            Ok(reply) => reply,
+            Err(error) => {
+                self.record_cutover(to, run, Err(("aborted", &error)));
+                return Err(error);
+            }
+        };
         run.step("move");
         let outcome = frozen.commit().await;
         tracing::info!(
@@ -374,9 +400,7 @@ impl Controller {
         if !report.overridden.is_empty() {
             reply.insert("overridden".into(), json!(report.overridden));
         }
-        reply.insert(
-            "cutover".into(),
-            json!({
+        let details = json!({
                 "to": to.as_str(),
                 "freeze_ms": millis(outcome.freeze),
                 "catchup_ms": millis(outcome.catchup),
@@ -392,9 +416,47 @@ impl Controller {
                     "lsn": reverse.lsn,
                     "on_blue": reverse.subscription_sql,
                 })),
-            }),
-        );
+        });
+        self.record_cutover(to, run, Ok(&details));
+        reply.insert("cutover".into(), details);
         Ok(reply)
+    }
+
+    /// Keeps the cutover's outcome and step timings for `status.cutover`; `Err((outcome,
+    /// reason))` for one refused or aborted.
+    fn record_cutover(
+        &mut self,
+        to: Color,
+        run: &CutoverRun<'_>,
+        result: Result<&Value, (&str, &str)>,
+    ) {
+        let steps: Vec<Value> = run
+            .timings()
+            .into_iter()
+            .map(|(step, took)| json!({"step": step, "ms": millis(took)}))
+            .collect();
+        let mut record = json!({
+            "to": to.as_str(),
+            "at": rfc3339(SystemTime::now()),
+            "steps": steps,
+        });
+        match result {
+            Ok(details) => {
+                record["outcome"] = json!("completed");
+                record["details"] = details.clone();
+            }
+            Err((outcome, reason)) => {
+                record["outcome"] = json!(outcome);
+                record["step"] = json!(run.current_step());
+                record["reason"] = json!(reason);
+            }
+        }
+        self.last_cutover = Some(record);
+        let outcome = match result {
+            Ok(_) => "completed",
+            Err((outcome, _)) => outcome,
+        };
+        metrics::counter!("pgshift_cutovers_total", "outcome" => outcome.to_string()).increment(1);
     }
 
     fn handle(&mut self, command: Command, actor: &Actor) -> Reply {
@@ -850,6 +912,7 @@ impl Controller {
             json!(crate::auth::auth_mismatches(&self.shared)),
         );
         reply.insert("lag_blocks".into(), json!(self.lag_blocks(now)));
+        reply.insert("cutover".into(), json!(self.last_cutover));
         if let Some((at, evaluation)) = &self.last_evaluation {
             reply.insert(
                 "last_evaluation".into(),

@@ -119,6 +119,7 @@ async fn abort_asked(check: impl Fn() -> Option<CutoverFailure>) -> CutoverFailu
 fn resume(shared: &Shared) {
     shared.cutover.set(CutoverPhase::Abort);
     shared.cutover.set(CutoverPhase::Idle);
+    metrics::gauge!("pgshift_cutover_held_requests").set(0.0);
 }
 
 /// Steps 1 and 2: freeze every session of `to.other()`, then wait for the new color to catch up.
@@ -324,6 +325,7 @@ async fn create_reverse_slot(
 impl FrozenCutover<'_> {
     fn record(&mut self, report: FreezeReport) {
         self.reports.insert(report.session_id, report.movable);
+        metrics::gauge!("pgshift_cutover_held_requests").set(self.reports.len() as f64);
     }
 
     /// Step 3, once the routing sends new sessions to the new color: frozen sessions move (or
@@ -345,6 +347,7 @@ impl FrozenCutover<'_> {
         }
         self.committed = true;
         shared.cutover.set(CutoverPhase::Idle);
+        metrics::gauge!("pgshift_cutover_held_requests").set(0.0);
         self.outcome.stall = self.started.elapsed();
         for movable in self.reports.values() {
             match movable {

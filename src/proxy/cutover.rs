@@ -107,6 +107,9 @@ pub struct RunningCutover {
     pub started: std::time::Instant,
     /// Who asked to abort it, once someone did.
     pub abort: Option<String>,
+    /// The steps done so far and how long each took.
+    pub steps: Vec<(&'static str, Duration)>,
+    step_started: std::time::Instant,
 }
 
 impl Default for CutoverCoordinator {
@@ -131,11 +134,38 @@ impl Drop for CutoverRun<'_> {
 }
 
 impl CutoverRun<'_> {
-    /// The step the cutover is at now.
+    /// The step the cutover is at now (the one before it is timed as done).
     pub fn step(&self, step: &'static str) {
         if let Some(running) = self.coordinator.running().as_mut() {
+            let now = std::time::Instant::now();
+            let previous = running.step;
+            running
+                .steps
+                .push((previous, now.duration_since(running.step_started)));
             running.step = step;
+            running.step_started = now;
         }
+    }
+
+    /// The steps timed so far, the current one included (up to now).
+    pub fn timings(&self) -> Vec<(&'static str, Duration)> {
+        self.coordinator
+            .running()
+            .as_ref()
+            .map(|running| {
+                let mut steps = running.steps.clone();
+                steps.push((running.step, running.step_started.elapsed()));
+                steps
+            })
+            .unwrap_or_default()
+    }
+
+    /// The step the cutover is at.
+    pub fn current_step(&self) -> &'static str {
+        self.coordinator
+            .running()
+            .as_ref()
+            .map_or("guardrails", |running| running.step)
     }
 
     /// Who asked to abort, if anyone did.
@@ -171,11 +201,14 @@ impl CutoverCoordinator {
         if running.is_some() {
             return None;
         }
+        let now = std::time::Instant::now();
         *running = Some(RunningCutover {
             to,
             step: "guardrails",
-            started: std::time::Instant::now(),
+            started: now,
             abort: None,
+            steps: Vec::new(),
+            step_started: now,
         });
         Some(CutoverRun { coordinator: self })
     }
