@@ -1174,3 +1174,86 @@ async fn cutover_abort_stops_a_running_cutover_and_other_commands_wait_their_tur
     );
     server.stop().await;
 }
+
+/// A walsender through pgshift (logical decoding of blue) is outside the freeze: the cutover
+/// does not wait for it, and it streams on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_walsender_is_left_out_of_the_freeze() {
+    let (pair, server) = transparent_server("freeze_timeout = \"2s\"").await;
+    pair.blue.psql_db(
+        APP_DB,
+        "SELECT pg_create_logical_replication_slot('watcher', 'test_decoding')",
+    );
+    let mut recvlogical = std::process::Command::new(pair.blue.bin("pg_recvlogical"))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.port.to_string(),
+            "-U",
+            TEST_USER,
+        ])
+        .args(["-d", APP_DB, "--slot", "watcher", "--start", "-f", "-"])
+        .env("PGPASSWORD", TEST_PASSWORD)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pg_recvlogical");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pair
+        .blue
+        .psql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pg_recvlogical'")
+        != "1"
+    {
+        assert!(Instant::now() < deadline, "pg_recvlogical never streamed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let idle = session(&server).await;
+
+    let reply = server.admin("promote").await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["cutover"]["sessions_moved"], 1, "{reply}");
+    assert_served_by(&idle, &pair.green).await;
+    assert!(
+        recvlogical.try_wait().expect("poll").is_none(),
+        "the walsender streams on"
+    );
+    let _ = recvlogical.kill();
+    let _ = recvlogical.wait();
+    server.stop().await;
+}
+
+/// SET SESSION AUTHORIZATION (a superuser's) is replayed first on the new backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_authorization_moves_with_the_session() {
+    let (pair, server) = transparent_server("").await;
+    pair.blue
+        .psql("CREATE ROLE cutover_admin SUPERUSER LOGIN PASSWORD 'admin-pw'");
+    let verifier = pair
+        .blue
+        .psql("SELECT rolpassword FROM pg_authid WHERE rolname = 'cutover_admin'");
+    pair.green.psql(&format!(
+        "CREATE ROLE cutover_admin SUPERUSER LOGIN PASSWORD '{verifier}'"
+    ));
+    let admin = connect(&format!(
+        "host=127.0.0.1 port={} user=cutover_admin password=admin-pw dbname={APP_DB}",
+        server.port
+    ))
+    .await;
+    admin
+        .batch_execute(&format!("SET SESSION AUTHORIZATION {TEST_USER}"))
+        .await
+        .expect("set session authorization");
+
+    let reply = server.admin("promote").await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(reply["cutover"]["sessions_moved"], 1, "{reply}");
+    assert_served_by(&admin, &pair.green).await;
+    let row = admin
+        .query_one("SELECT session_user::text, current_user::text", &[])
+        .await
+        .expect("who");
+    assert_eq!(row.get::<_, String>(0), TEST_USER);
+    assert_eq!(row.get::<_, String>(1), TEST_USER);
+    server.stop().await;
+}

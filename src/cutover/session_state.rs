@@ -5,9 +5,9 @@
 //! `[cutover] carry_gucs`), `SET ROLE`, the protocol-level prepared statements (re-parsed under
 //! their names with their parameter types; a Describe of each must say the same on both
 //! backends), the LISTEN channels, `client_encoding`, and the unnamed statement (the relay's
-//! copy of its Parse). A session is **unmovable** — closed with 57P01 at the
+//! copy of its Parse); a `SET SESSION AUTHORIZATION` goes first of all. A session is **unmovable** — closed with 57P01 at the
 //! commit — when it holds what cannot be carried: temp tables, advisory locks, WITH HOLD
-//! cursors, SQL-level `PREPARE`d statements, or a `SET SESSION AUTHORIZATION`. Never carried (no catalog shows them; documented in
+//! cursors, SQL-level `PREPARE`d statements. Never carried (no catalog shows them; documented in
 //! docs/CUTOVER.md): currval/lastval, setseed, LOAD, PL session globals, dblink/fdw
 //! connections; `pg_backend_pid()` changes.
 
@@ -81,6 +81,8 @@ pub struct PreparedStatement {
 /// What a movable session replays on its new backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionState {
+    /// `SET SESSION AUTHORIZATION` in force (`None`: the login user).
+    pub session_authorization: Option<String>,
     /// The Parse message of the unnamed statement, parsed again last (after the client's
     /// encoding is set: its text is in that encoding).
     pub unnamed_parse: Option<Vec<u8>>,
@@ -91,14 +93,19 @@ pub struct SessionState {
     pub channels: Vec<String>,
 }
 
-/// Judges the state query's row for a session that logged in as `user`; its `SET ROLE`, if any.
-pub fn judge_state(row: &[Option<String>], user: &str) -> Result<Option<String>, Unmovable> {
+/// What the state query's row says must be replayed first: the session authorization (when
+/// not the login user's) and the `SET ROLE`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub session_authorization: Option<String>,
+    pub role: Option<String>,
+}
+
+/// Judges the state query's row for a session that logged in as `user`.
+pub fn judge_state(row: &[Option<String>], user: &str) -> Result<Identity, Unmovable> {
     let text = |index: usize| row.get(index).cloned().flatten().unwrap_or_default();
     let count = |index: usize| text(index).parse::<i64>().unwrap_or(0);
     let mut held = Vec::new();
-    if text(0) != user {
-        held.push("a SET SESSION AUTHORIZATION".to_string());
-    }
     for (index, what) in [
         (2, "SQL-level PREPAREd statement(s)"),
         (3, "temporary table(s)"),
@@ -116,8 +123,12 @@ pub fn judge_state(row: &[Option<String>], user: &str) -> Result<Option<String>,
             held.join(", ")
         )));
     }
+    let authorization = text(0);
     let role = text(1);
-    Ok((role != "none" && !role.is_empty()).then_some(role))
+    Ok(Identity {
+        session_authorization: (authorization != user).then_some(authorization),
+        role: (role != "none" && !role.is_empty()).then_some(role),
+    })
 }
 
 /// Reads the frozen session's state from its backend; the bytes to forward to its client
@@ -130,7 +141,10 @@ pub async fn read(
     for_client: &mut BytesMut,
 ) -> Result<SessionState, Unmovable> {
     let state = run(backend, STATE_QUERY, &[], for_client).await?;
-    let role = judge_state(state.rows.first().map_or(&[][..], Vec::as_slice), user)?;
+    let Identity {
+        session_authorization,
+        role,
+    } = judge_state(state.rows.first().map_or(&[][..], Vec::as_slice), user)?;
     let not_carried = pg_array(NOT_CARRIED.iter().copied());
     let carried = pg_array(carry_gucs.iter().map(String::as_str));
     let settings = run(
@@ -188,6 +202,7 @@ pub async fn read(
         .filter_map(|row| row.into_iter().next().flatten())
         .collect();
     Ok(SessionState {
+        session_authorization,
         unnamed_parse: None,
         settings,
         role,
@@ -221,8 +236,12 @@ pub async fn replay(
         .iter()
         .map(|(name, value)| (name.as_str(), value.as_str()))
         .partition(|(name, _)| *name == "client_encoding");
-    for (name, value) in settings
+    for (name, value) in state
+        .session_authorization
+        .as_deref()
+        .map(|user| ("session_authorization", user))
         .into_iter()
+        .chain(settings)
         .chain(state.role.as_deref().map(|role| ("role", role)))
     {
         run(backend, SET_CONFIG, &[Some(name), Some(value)], reported)
@@ -410,11 +429,14 @@ mod tests {
     fn a_plain_session_moves_with_its_role() {
         assert_eq!(
             judge_state(&row(&["app", "none", "0", "0", "0", "0"]), "app"),
-            Ok(None)
+            Ok(Identity::default())
         );
         assert_eq!(
-            judge_state(&row(&["app", "reporting", "0", "0", "0", "0"]), "app"),
-            Ok(Some("reporting".to_string()))
+            judge_state(&row(&["auditor", "reporting", "0", "0", "0", "0"]), "app"),
+            Ok(Identity {
+                session_authorization: Some("auditor".into()),
+                role: Some("reporting".into()),
+            })
         );
     }
 
@@ -427,7 +449,7 @@ mod tests {
         };
         assert_eq!(
             reason,
-            "it holds a SET SESSION AUTHORIZATION, 2 SQL-level PREPAREd statement(s), 1 temporary table(s), 3 advisory lock(s), 1 WITH HOLD cursor(s), which a new backend would not have"
+            "it holds 2 SQL-level PREPAREd statement(s), 1 temporary table(s), 3 advisory lock(s), 1 WITH HOLD cursor(s), which a new backend would not have"
         );
     }
 

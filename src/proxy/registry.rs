@@ -75,6 +75,8 @@ struct SessionEntry {
     color: Color,
     started: Instant,
     orders: watch::Sender<CloseOrder>,
+    /// A walsender: outside a transparent cutover's freeze.
+    walsender: bool,
 }
 
 /// A registered session's view: its id and the orders addressed to it.
@@ -102,6 +104,7 @@ impl SessionRegistry {
                 color,
                 started: Instant::now(),
                 orders: sender,
+                walsender: false,
             },
         );
         SessionTicket {
@@ -204,11 +207,18 @@ impl SessionRegistry {
         }
     }
 
-    /// The ids of the sessions on `color`.
+    /// Session `id` is a walsender: a transparent cutover does not freeze it.
+    pub fn mark_walsender(&self, id: u64) {
+        if let Some(entry) = self.lock().get_mut(&id) {
+            entry.walsender = true;
+        }
+    }
+
+    /// The ids of the sessions on `color` a transparent cutover freezes (walsenders aside).
     pub fn ids(&self, color: Color) -> Vec<u64> {
         self.lock()
             .iter()
-            .filter(|(_, entry)| entry.color == color)
+            .filter(|(_, entry)| entry.color == color && !entry.walsender)
             .map(|(id, _)| *id)
             .collect()
     }

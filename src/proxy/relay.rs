@@ -395,6 +395,8 @@ pub struct Relay<'a, C, B> {
     parameters: Vec<(String, String)>,
     /// A cutover freezes this session's color: stop at the next idle point.
     freeze_requested: bool,
+    /// False for walsenders: a cutover leaves them running.
+    freezable: bool,
     /// The unnamed prepared statement, as the client last parsed it (since its last simple
     /// Query), for a cutover to parse again on the new backend.
     unnamed_statement: UnnamedStatement,
@@ -462,6 +464,7 @@ where
             requests_completed: 0,
             parameters: Vec::new(),
             freeze_requested: false,
+            freezable: true,
             notification_pid: None,
             unnamed_statement: UnnamedStatement::None,
             held: Arc::default(),
@@ -515,7 +518,8 @@ where
             }
             // Only sessions logged in before the cutover began freeze: a login still running
             // was counted at the gate and registered before the freeze was asked for.
-            self.freeze_requested = self.requests.logged_in()
+            self.freeze_requested = self.freezable
+                && self.requests.logged_in()
                 && cutover.borrow_and_update().freezing() == Some(self.identity.color);
             let logged_in = self.requests.logged_in();
             let event = tokio::select! {
@@ -666,6 +670,11 @@ where
         self.client.write_all(&answer).await?;
         self.client.flush().await?;
         Ok(true)
+    }
+
+    /// Keeps this session out of transparent cutovers (a walsender).
+    pub fn exempt_from_cutovers(&mut self) {
+        self.freezable = false;
     }
 
     /// The color of the backend this session talks to now.

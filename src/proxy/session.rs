@@ -38,7 +38,7 @@ use crate::protocol::messages::{ClientError, cancel_request};
 use crate::protocol::startup::{
     FirstPacket, StartupError, StartupMessage, first_packet_length, parse_first_packet,
 };
-use crate::routing::Route;
+use crate::routing::{Route, RouteReason};
 use crate::tls::{ALPN_POSTGRESQL, ClientStream, MaybeTls, TLS_HANDSHAKE_RECORD};
 
 /// What the first-packet phase produced.
@@ -197,6 +197,10 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         CloseOrder::Run
     };
     let mut ticket = shared.sessions.register(color, initial_order);
+    let walsender = route.reason == RouteReason::Walsender;
+    if walsender {
+        shared.sessions.mark_walsender(ticket.id);
+    }
     drop(login_pass);
     let stats = shared.stats.color(color);
     stats.session_opened();
@@ -225,6 +229,9 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         hops,
     ) {
         Ok(mut relay) => {
+            if walsender {
+                relay.exempt_from_cutovers();
+            }
             let end = loop {
                 match relay
                     .run(&mut ticket.orders, &mut cutover, login_deadline)
