@@ -259,7 +259,12 @@ pub async fn create_slot(
         )
         .await
         .map(|row| row.get(0))
-        .map_err(|error| format!("cannot create replication slot {slot} on {color}: {}", error_text(&error)))
+        .map_err(|error| {
+            format!(
+                "cannot create replication slot {slot} on {color}: {}",
+                error_text(&error)
+            )
+        })
 }
 
 /// Whether `color` has any subscription (any database).

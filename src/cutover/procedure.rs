@@ -158,7 +158,33 @@ pub async fn freeze_and_catch_up<'a>(
         .await
         .map_err(fail("prepare"))?;
 
+    // Every session logs in to the new color ahead, so the freeze does not pay for the forks
+    // and logins; those not done within connect_timeout log in during the freeze instead.
+    let (prepared_sender, mut prepared) = mpsc::unbounded_channel();
+    shared.cutover.set(CutoverPhase::Preparing {
+        to,
+        prepared: prepared_sender,
+    });
+    let mut waiting: HashSet<u64> = shared.sessions.ids(from).into_iter().collect();
+    let prepare_deadline = tokio::time::Instant::now() + config.backend(to).connect_timeout;
+    while !waiting.is_empty() && tokio::time::Instant::now() < prepare_deadline {
+        if let Some(failure) = aborted("prepare") {
+            resume(shared);
+            return Err(failure);
+        }
+        tokio::select! {
+            done = prepared.recv() => {
+                if let Some(id) = done {
+                    waiting.remove(&id);
+                }
+            }
+            _ = tokio::time::sleep(FREEZE_POLL) => {
+                waiting.retain(|id| shared.sessions.contains(*id));
+            }
+        }
+    }
     if let Some(failure) = aborted("prepare") {
+        resume(shared);
         return Err(failure);
     }
     run.step("freeze");

@@ -20,6 +20,12 @@ use crate::color::Color;
 pub enum CutoverPhase {
     #[default]
     Idle,
+    /// Sessions on `to.other()` log in to `to` ahead of the freeze (still running on their
+    /// color) and say so on `prepared` with their id.
+    Preparing {
+        to: Color,
+        prepared: mpsc::UnboundedSender<u64>,
+    },
     /// Sessions on `to.other()` freeze at their idle points and report on `reports`.
     Holding {
         to: Color,
@@ -36,6 +42,14 @@ impl CutoverPhase {
     pub fn freezing(&self) -> Option<Color> {
         match self {
             CutoverPhase::Holding { to, .. } => Some(to.other()),
+            _ => None,
+        }
+    }
+
+    /// The color whose sessions log in ahead now, and where to.
+    pub fn preparing(&self) -> Option<(Color, Color)> {
+        match self {
+            CutoverPhase::Preparing { to, .. } => Some((to.other(), *to)),
             _ => None,
         }
     }

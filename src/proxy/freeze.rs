@@ -8,11 +8,12 @@
 //! `Commit` moves it (or closes it with 57P01 when it cannot move), `Abort` resumes it where
 //! it was, having lost nothing.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::Shared;
 use super::backend::{self, LoginSecret};
@@ -37,6 +38,8 @@ pub struct SessionOrigin<'a> {
     /// The user's credential (auth termination); `None` for a session that logged in through
     /// passthrough.
     pub credential: Option<Credential>,
+    /// A backend logged in ahead of the freeze, if the prepare step made one.
+    pub ahead: AheadSlot,
 }
 
 /// A backend on the new color, logged in and waiting for the session.
@@ -88,7 +91,8 @@ pub async fn hold(
                     }
                 };
             }
-            CutoverPhase::Abort | CutoverPhase::Idle => {
+            // A new cutover preparing means this one ended: resume.
+            CutoverPhase::Abort | CutoverPhase::Idle | CutoverPhase::Preparing { .. } => {
                 if let Some(prepared) = prepared {
                     discard(prepared).await;
                 }
@@ -168,45 +172,24 @@ async fn prepare(
             ));
         }
     };
-    let sources = Sources {
-        config,
-        tls: &shared.tls,
-    };
-    let secret = shared
-        .auth
-        .verifiers
-        .lookup(sources, to, origin.user)
-        .await
-        .map_err(|error| Unmovable(format!("its login secret on {to}: {}", error.reason)))?;
-    let login_secret = match (&credential, &secret) {
-        (Credential::ScramClientKey(client_key), RoleSecret::Scram(verifier)) => {
-            LoginSecret::Scram {
-                client_key,
-                verifier,
-            }
-        }
-        (Credential::Md5Hash(hash), RoleSecret::Md5(_)) => LoginSecret::Md5 { hash },
-        (_, other) => {
-            return Err(Unmovable(format!(
-                "{to} stores a different kind of secret for {} ({})",
+    // A backend logged in ahead of the freeze, or one logged in now.
+    let connection = match origin.ahead.take(to) {
+        Some(connection) => connection,
+        None => {
+            log_in_to(
+                shared,
+                config,
+                to,
+                origin.startup_packet,
                 origin.user,
-                other.describe()
-            )));
+                &credential,
+            )
+            .await?
         }
     };
-    let logged_in = backend::login(
-        to,
-        config.backend(to),
-        &config.listen,
-        origin.startup_packet,
-        login_secret,
-        shared.tls.backend(to),
-    )
-    .await
-    .map_err(|error| Unmovable(format!("cannot log in to {to}: {error}")))?;
     let mut prepared = Prepared {
         color: to,
-        connection: logged_in.connection,
+        connection,
     };
     let mut reported = BytesMut::new();
     if let Err(unmovable) =
@@ -219,6 +202,129 @@ async fn prepare(
     // about the values that differ from what it knows.
     prepared.connection.first_bytes.extend_from_slice(&reported);
     Ok(prepared)
+}
+
+/// Logs in to `to` as `user` with the session's startup packet and credential.
+async fn log_in_to(
+    shared: &Shared,
+    config: &Config,
+    to: Color,
+    startup_packet: &[u8],
+    user: &str,
+    credential: &Credential,
+) -> Result<backend::BackendConnection, Unmovable> {
+    let sources = Sources {
+        config,
+        tls: &shared.tls,
+    };
+    let secret = shared
+        .auth
+        .verifiers
+        .lookup(sources, to, user)
+        .await
+        .map_err(|error| Unmovable(format!("its login secret on {to}: {}", error.reason)))?;
+    let login_secret = match (credential, &secret) {
+        (Credential::ScramClientKey(client_key), RoleSecret::Scram(verifier)) => {
+            LoginSecret::Scram {
+                client_key,
+                verifier,
+            }
+        }
+        (Credential::Md5Hash(hash), RoleSecret::Md5(_)) => LoginSecret::Md5 { hash },
+        (_, other) => {
+            return Err(Unmovable(format!(
+                "{to} stores a different kind of secret for {user} ({})",
+                other.describe()
+            )));
+        }
+    };
+    backend::login(
+        to,
+        config.backend(to),
+        &config.listen,
+        startup_packet,
+        login_secret,
+        shared.tls.backend(to),
+    )
+    .await
+    .map(|logged_in| logged_in.connection)
+    .map_err(|error| Unmovable(format!("cannot log in to {to}: {error}")))
+}
+
+/// A backend on the new color logged in ahead of the freeze (the cutover's prepare step), so
+/// the freeze does not pay for the fork and the login. Filled by [`log_in_ahead`], taken by
+/// the frozen session; one left over when the cutover ends otherwise is logged out.
+#[derive(Clone, Default)]
+pub struct AheadSlot(Arc<Mutex<Option<(Color, backend::BackendConnection)>>>);
+
+impl AheadSlot {
+    /// The backend logged in ahead for `to`, if there is one.
+    fn take(&self, to: Color) -> Option<backend::BackendConnection> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.take() {
+            Some((color, connection)) if color == to => Some(connection),
+            Some(other) => {
+                // For another color: not this cutover's; dropped (the socket closes).
+                drop(other);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put(&self, color: Color, connection: backend::BackendConnection) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((color, connection));
+    }
+}
+
+/// What a session hands to the task that logs it in ahead.
+pub struct AheadRequest {
+    pub shared: Arc<Shared>,
+    pub config: Arc<Config>,
+    pub startup_packet: bytes::Bytes,
+    pub user: String,
+    pub credential: Option<Credential>,
+    pub to: Color,
+    pub slot: AheadSlot,
+    /// Told when the login is done (or failed), for the cutover's prepare step.
+    pub done: mpsc::UnboundedSender<u64>,
+    pub session_id: u64,
+    pub phase: watch::Receiver<CutoverPhase>,
+}
+
+/// Logs the session in to the new color while it still runs on the old one, then keeps the
+/// backend for the freeze; when the cutover ends without taking it, logs it out.
+pub async fn log_in_ahead(mut request: AheadRequest) {
+    if let Some(credential) = &request.credential
+        && let Ok(connection) = log_in_to(
+            &request.shared,
+            &request.config,
+            request.to,
+            &request.startup_packet,
+            &request.user,
+            credential,
+        )
+        .await
+    {
+        request.slot.put(request.to, connection);
+    }
+    let _ = request.done.send(request.session_id);
+    loop {
+        let phase = request.phase.borrow_and_update().clone();
+        if matches!(phase, CutoverPhase::Idle | CutoverPhase::Abort) {
+            if let Some(connection) = request.slot.take(request.to) {
+                discard(Prepared {
+                    color: request.to,
+                    connection,
+                })
+                .await;
+            }
+            return;
+        }
+        if request.phase.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Swaps the relay onto the prepared backend; the old one is told goodbye.

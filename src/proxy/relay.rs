@@ -272,6 +272,15 @@ pub enum RunOutcome {
     /// Frozen at an idle point for a transparent cutover: nothing more is forwarded until the
     /// caller runs the relay again (resumed, or moved with [`Relay::rehome`]).
     Frozen,
+    /// A transparent cutover to this color is about to freeze this session: the caller logs
+    /// it in there ahead ([`super::freeze::log_in_ahead`]) and runs the relay again at once.
+    Prepare(Color),
+}
+
+/// Why the loop stopped without the session ending.
+enum Stop {
+    Frozen,
+    Prepare(Color),
 }
 
 /// How and why a session ended, for its log line.
@@ -397,6 +406,8 @@ pub struct Relay<'a, C, B> {
     freeze_requested: bool,
     /// False for walsenders: a cutover leaves them running.
     freezable: bool,
+    /// This cutover's prepare step was passed on (the session is logged in ahead, or trying).
+    prepared_ahead: bool,
     /// The unnamed prepared statement, as the client last parsed it (since its last simple
     /// Query), for a cutover to parse again on the new backend.
     unnamed_statement: UnnamedStatement,
@@ -426,9 +437,7 @@ where
     ) -> Result<Relay<'a, C, B>, SessionEnd> {
         let stats = identity.shared.stats.color(identity.color);
         let (sasl_watch, client_inspected, backend_inspected) = match hops {
-            TlsHops { backend: false, .. } => {
-                (SaslWatch::Off, CLIENT_INSPECTED, BACKEND_INSPECTED)
-            }
+            TlsHops { backend: false, .. } => (SaslWatch::Off, CLIENT_INSPECTED, BACKEND_INSPECTED),
             TlsHops { client: true, .. } => (
                 SaslWatch::AwaitingSaslRequest,
                 CLIENT_INSPECTED_WATCHING_SASL,
@@ -465,6 +474,7 @@ where
             parameters: Vec::new(),
             freeze_requested: false,
             freezable: true,
+            prepared_ahead: false,
             notification_pid: None,
             unnamed_statement: UnnamedStatement::None,
             held: Arc::default(),
@@ -489,9 +499,11 @@ where
         cutover: &mut watch::Receiver<CutoverPhase>,
         login_deadline: Instant,
     ) -> RunOutcome {
-        self.run_until_frozen(orders, cutover, login_deadline)
-            .await
-            .map_or_else(RunOutcome::Ended, |()| RunOutcome::Frozen)
+        match self.run_until_frozen(orders, cutover, login_deadline).await {
+            Ok(Stop::Frozen) => RunOutcome::Frozen,
+            Ok(Stop::Prepare(to)) => RunOutcome::Prepare(to),
+            Err(end) => RunOutcome::Ended(end),
+        }
     }
 
     async fn run_until_frozen(
@@ -499,7 +511,7 @@ where
         orders: &mut watch::Receiver<CloseOrder>,
         cutover: &mut watch::Receiver<CutoverPhase>,
         login_deadline: Instant,
-    ) -> Result<(), SessionEnd> {
+    ) -> Result<Stop, SessionEnd> {
         self.held.set_frozen(false);
         let login_timer = tokio::time::sleep_until(login_deadline);
         tokio::pin!(login_timer);
@@ -518,9 +530,23 @@ where
             }
             // Only sessions logged in before the cutover began freeze: a login still running
             // was counted at the gate and registered before the freeze was asked for.
+            let phase = cutover.borrow_and_update().clone();
             self.freeze_requested = self.freezable
                 && self.requests.logged_in()
-                && cutover.borrow_and_update().freezing() == Some(self.identity.color);
+                && phase.freezing() == Some(self.identity.color);
+            match phase.preparing() {
+                Some((from, to))
+                    if from == self.identity.color
+                        && self.freezable
+                        && self.requests.logged_in()
+                        && !self.prepared_ahead =>
+                {
+                    self.prepared_ahead = true;
+                    return Ok(Stop::Prepare(to));
+                }
+                Some(_) => {}
+                None => self.prepared_ahead = false,
+            }
             let logged_in = self.requests.logged_in();
             let event = tokio::select! {
                 changed = orders.changed(), if orders_open => {
@@ -545,7 +571,7 @@ where
                 RelayEvent::LoggedIn => continue,
                 RelayEvent::Frozen => {
                     self.held.set_frozen(true);
-                    return Ok(());
+                    return Ok(Stop::Frozen);
                 }
                 RelayEvent::IdlePoint => {
                     let reason = self.close_at_idle.unwrap_or(CloseReason::Shutdown);

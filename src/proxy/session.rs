@@ -28,7 +28,8 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::backend::{self, BackendConnection, ConnectError, configure_socket};
-use super::freeze::{self, SessionOrigin};
+use super::cutover::CutoverPhase;
+use super::freeze::{self, AheadRequest, AheadSlot, SessionOrigin};
 use super::registry::{CloseOrder, CloseReason};
 use super::relay::{Relay, RunOutcome, SessionEnd, SessionIdentity, TlsHops};
 use crate::auth::login::{self, LoginOutcome, LoginRequest};
@@ -219,6 +220,7 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         backend: backend.stream.is_tls() && config.auth.mode != AuthMode::Scram,
     };
     let mut cutover = shared.cutover.watch();
+    let ahead = AheadSlot::default();
     let (end, requests, final_color) = match Relay::new(
         identity,
         client,
@@ -238,11 +240,30 @@ pub async fn serve_client(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
                     .await
                 {
                     RunOutcome::Ended(end) => break end,
+                    RunOutcome::Prepare(to) => {
+                        let CutoverPhase::Preparing { prepared, .. } = cutover.borrow().clone()
+                        else {
+                            continue;
+                        };
+                        tokio::spawn(freeze::log_in_ahead(AheadRequest {
+                            shared: shared.clone(),
+                            config: config.clone(),
+                            startup_packet: startup.raw.clone(),
+                            user: facts.user.clone(),
+                            credential: key_lease.as_ref().and_then(|lease| lease.credential()),
+                            to,
+                            slot: ahead.clone(),
+                            done: prepared,
+                            session_id: ticket.id,
+                            phase: shared.cutover.watch(),
+                        }));
+                    }
                     RunOutcome::Frozen => {
                         let origin = SessionOrigin {
                             startup_packet: &startup.raw,
                             user: &facts.user,
                             credential: key_lease.as_ref().and_then(|lease| lease.credential()),
+                            ahead: ahead.clone(),
                         };
                         let held = freeze::hold(
                             &shared,
