@@ -479,6 +479,37 @@ async fn assert_served_by(client: &tokio_postgres::Client, cluster: &support::Cl
     );
 }
 
+/// Waits for the writers; none may have seen an error. Their acknowledged ids.
+async fn collect_writes(
+    writers: Vec<tokio::task::JoinHandle<(Vec<String>, Vec<String>)>>,
+) -> Vec<String> {
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        let (ids, errors) = writer.await.expect("writer");
+        assert!(errors.is_empty(), "a writer saw errors: {errors:?}");
+        acknowledged.extend(ids);
+    }
+    acknowledged
+}
+
+/// Asserts that every id in `acknowledged` is in `cluster`'s orders.
+fn assert_all_present(cluster: &support::Cluster, acknowledged: &[String]) {
+    let ids: Vec<String> = acknowledged.iter().map(|id| format!("'{id}'")).collect();
+    let found = cluster.psql_db(
+        APP_DB,
+        &format!(
+            "SELECT count(*) FROM orders WHERE id IN ({})",
+            ids.join(",")
+        ),
+    );
+    assert_eq!(
+        found,
+        acknowledged.len().to_string(),
+        "acknowledged writes missing on {}",
+        cluster.color_name()
+    );
+}
+
 /// Writers through pgshift: BEGIN, INSERT, COMMIT as separate requests, until told to stop.
 /// Returns (acknowledged ids, errors).
 fn start_writers(
@@ -567,12 +598,7 @@ async fn promote_moves_sessions_to_green_without_an_error_or_a_lost_write() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
 
-    let mut acknowledged = Vec::new();
-    for writer in writers {
-        let (ids, errors) = writer.await.expect("writer");
-        assert!(errors.is_empty(), "a writer saw errors: {errors:?}");
-        acknowledged.extend(ids);
-    }
+    let acknowledged = collect_writes(writers).await;
     assert!(acknowledged.len() > 50, "{} writes", acknowledged.len());
 
     // The settled session is on green with its settings; the temp-table one was closed.
@@ -595,23 +621,7 @@ async fn promote_moves_sessions_to_green_without_an_error_or_a_lost_write() {
         "{error}"
     );
 
-    // Every acknowledged write is on green.
-    let found = pair.green.psql_db(
-        APP_DB,
-        &format!(
-            "SELECT count(*) FROM orders WHERE id IN ({})",
-            acknowledged
-                .iter()
-                .map(|id| format!("'{id}'"))
-                .collect::<Vec<_>>()
-                .join(",")
-        ),
-    );
-    assert_eq!(
-        found,
-        acknowledged.len().to_string(),
-        "writes missing on green"
-    );
+    assert_all_present(&pair.green, &acknowledged);
     server.stop().await;
 }
 
@@ -1016,28 +1026,8 @@ async fn rollback_after_promotion_rides_the_reverse_slot_back_to_blue() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut acknowledged = Vec::new();
-    for writer in writers {
-        let (ids, errors) = writer.await.expect("writer");
-        assert!(errors.is_empty(), "a writer saw errors: {errors:?}");
-        acknowledged.extend(ids);
-    }
-    let found = pair.blue.psql_db(
-        APP_DB,
-        &format!(
-            "SELECT count(*) FROM orders WHERE id IN ({})",
-            acknowledged
-                .iter()
-                .map(|id| format!("'{id}'"))
-                .collect::<Vec<_>>()
-                .join(",")
-        ),
-    );
-    assert_eq!(
-        found,
-        acknowledged.len().to_string(),
-        "writes missing on blue"
-    );
+    let acknowledged = collect_writes(writers).await;
+    assert_all_present(&pair.blue, &acknowledged);
     eprintln!(
         "promote: {}\nrollback: {}",
         promoted["cutover"], rolled["cutover"]
