@@ -51,6 +51,9 @@ pub struct Shared {
     /// ClientKeys, the failure backoff, the auth mismatches seen; `auth.reload(&config)`
     /// re-reads the userlist and the secret file.
     pub auth: AuthState,
+    /// Client refusals (shutdown, max_clients, routing, …) logged in full once per reason,
+    /// then summarized per interval.
+    pub refusals: crate::log_limit::Throttled<&'static str>,
     /// A transparent cutover's phase and login gate (`crate::cutover::procedure` drives it).
     pub cutover: cutover::CutoverCoordinator,
     pub shutting_down: AtomicBool,
@@ -98,6 +101,10 @@ impl Proxy {
             addr_limits: limits::AddrLimits::default(),
             tls,
             auth,
+            refusals: crate::log_limit::Throttled::new(
+                crate::log_limit::SUMMARY_INTERVAL,
+                session::log_refusals,
+            ),
             cutover: cutover::CutoverCoordinator::default(),
             shutting_down: AtomicBool::new(false),
         });

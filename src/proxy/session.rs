@@ -583,15 +583,28 @@ async fn refuse<S: AsyncWrite + Unpin>(
     reason: &'static str,
     error: ClientError,
 ) {
-    let _ = shared;
     metrics::counter!("pgshift_clients_rejected_total", "reason" => reason).increment(1);
+    // The first refusal of each reason in full, then a summary per interval: a flood of
+    // clients (shutdown, max_clients) must not become a flood of log lines.
+    if shared.refusals.note(reason) {
+        tracing::info!(
+            reason,
+            sqlstate = error.sqlstate,
+            "client refused: {}",
+            error.message
+        );
+    }
+    send_and_close(client, &error.encode()).await;
+}
+
+/// The summary line of the refusals of one reason that were counted, not logged.
+pub fn log_refusals(reason: &&'static str, count: u64, interval: Duration) {
     tracing::info!(
         reason,
-        sqlstate = error.sqlstate,
-        "client refused: {}",
-        error.message
+        refused = count,
+        "clients refused: {count} more ({reason}) in the last {}",
+        humantime::format_duration(interval)
     );
-    send_and_close(client, &error.encode()).await;
 }
 
 async fn send_and_close<S: AsyncWrite + Unpin>(client: &mut S, bytes: &[u8]) {
