@@ -562,11 +562,6 @@ const COVERAGE: &[Covered] = &[
         why: "config/pgshift.toml → the running copy",
     },
     Covered {
-        command: "pgshift ctl --config config/pgshift.toml undrain blue",
-        by: Cover::Here,
-        why: "config/pgshift.toml → the running copy",
-    },
-    Covered {
         command: r#"pgshift ctl --config config/pgshift.toml rollback "green is slow""#,
         by: Cover::Here,
         why: "config/pgshift.toml → the running copy",
@@ -1387,6 +1382,7 @@ impl Rig {
             ["rollback", reason @ ..] => {
                 assert_eq!(after["state"], "rolled_back", "{context}");
                 assert_eq!(weight(&after), 0.0, "{context}");
+                assert_eq!(after["draining"]["blue"], false, "{context}");
                 let decision = after["decisions"][0]["reason"].as_str().unwrap_or_default();
                 assert!(
                     reason.iter().all(|reason| decision.contains(reason)),

@@ -144,9 +144,10 @@ pub fn apply(
             check_only: false, ..
         } => return promote(state, config),
         Command::Rollback { reason } => {
-            if state.draining[Color::Blue.index()] {
-                return Err("blue is draining; `undrain blue` before rolling back to it".into());
-            }
+            // Rolling back sends every session to blue: a blue drained by the promote before
+            // (or by hand) takes sessions again.
+            let undrained = state.draining[Color::Blue.index()];
+            next.draining[Color::Blue.index()] = false;
             next.green_weight_bp = 0;
             stop_rollout(&mut next, RolloutState::RolledBack, reason.clone());
             if config.rollout.drain_on_switch && !state.draining[Color::Green.index()] {
@@ -157,8 +158,9 @@ pub fn apply(
                 .as_deref()
                 .map(|reason| format!(": {reason}"))
                 .unwrap_or_default();
+            let undrain_note = if undrained { "; blue undrained" } else { "" };
             format!(
-                "rolled back: green weight {} → 0%{because}",
+                "rolled back: green weight {} → 0%{because}{undrain_note}",
                 format_percent(state.green_weight_bp)
             )
         }
@@ -277,8 +279,7 @@ pub fn apply(
 }
 
 /// `promote`: green takes 100 %; blue drains after `drain_grace` when `drain_on_switch` — not
-/// in transparent cutover mode, whose promote moves blue's sessions instead (and a drained
-/// blue would refuse the `rollback` an operator may need next).
+/// in transparent cutover mode, whose promote moves blue's sessions instead.
 pub fn promote(state: &RoutingState, config: &Config) -> Result<Transition, String> {
     if state.draining[Color::Green.index()] {
         return Err("green is draining; `undrain green` before promoting it".into());
@@ -493,15 +494,19 @@ mod tests {
         assert_eq!(promoted.next.green_weight_bp, 10_000);
         assert_eq!(promoted.next.draining, [true, false]);
         assert_eq!(promoted.drain_after_grace, Some(Color::Blue));
-        // Rolling back to a draining blue is refused until blue is undrained.
+        // Rolling back to a blue the promote drained undrains it: rollback is the way back.
+        let back = apply(
+            &promoted.next,
+            &Command::Rollback { reason: None },
+            &config,
+            Instant::now(),
+        )
+        .expect("rollback undrains blue");
+        assert_eq!(back.next.draining, [false, true]);
         assert!(
-            apply(
-                &promoted.next,
-                &Command::Rollback { reason: None },
-                &config,
-                Instant::now()
-            )
-            .is_err()
+            back.description.ends_with("; blue undrained"),
+            "{}",
+            back.description
         );
         let undrained = apply(
             &promoted.next,
