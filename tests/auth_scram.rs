@@ -160,24 +160,7 @@ fn green_bound_name(prefix: &str, weight_bp: u16) -> String {
 
 /// Runs psql with a connection string off the async workers, with a clean environment.
 async fn psql(conninfo: String, sql: &str, home: &Path) -> Output {
-    let sql = sql.to_string();
-    let home = home.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let mut command = Command::new(pg_bin_dir().join("psql"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("PG") {
-                command.env_remove(key);
-            }
-        }
-        command
-            .env("HOME", home)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .args(["-X", "-A", "-t", "-d", &conninfo, "-c", &sql])
-            .output()
-            .expect("psql runs")
-    })
-    .await
-    .expect("psql thread")
+    support::psql_clean(conninfo, &["-c", sql], home).await
 }
 
 fn psql_ok(output: &Output, what: &str) -> String {

@@ -21,8 +21,8 @@ use pgshift::proxy::Shared;
 use pgshift::server::{Server, ServerOptions};
 use support::faults::{Fault, FaultRelay};
 use support::pgshift::{
-    Outcome, TestProxy, TestServer, config_text, connect_with_outcome, expect_ended_with, sqlstate,
-    write_config,
+    Outcome, TestProxy, TestServer, config_text, connect_with_outcome, expect_ended_with,
+    left_behind, nothing_left_behind, simple_backend_pid, sqlstate, write_config,
 };
 use support::wire::message;
 use support::{BULK_USER, ClusterPair, SUPERUSER, free_port, shared_pair};
@@ -104,27 +104,12 @@ async fn ends_promptly(outcome: Outcome, what: &str) -> Option<tokio_postgres::E
 
 /// Polls until nothing is left behind: no cancel key, no open session, no client slot.
 async fn assert_all_released(shared: &Shared, what: &str) {
-    let released = || {
-        shared.cancels.is_empty()
-            && Color::ALL
-                .iter()
-                .all(|&color| shared.stats.color(color).sessions_open() == 0)
-            && shared.sessions.count(None) == 0
-            && shared.clients.load(Ordering::Acquire) == 0
-    };
+    let released = || nothing_left_behind(shared);
     let deadline = Instant::now() + PROMPT;
     while !released() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        released(),
-        "{what}: left behind: cancel keys {}, blue sessions {}, green sessions {}, registered {}, slots {}",
-        shared.cancels.len(),
-        shared.stats.color(Color::Blue).sessions_open(),
-        shared.stats.color(Color::Green).sessions_open(),
-        shared.sessions.count(None),
-        shared.clients.load(Ordering::Acquire)
-    );
+    assert!(released(), "{what}: left behind: {}", left_behind(shared));
 }
 
 /// Starts `SELECT pg_sleep(30)` on a new blue session and waits until blue runs it; returns
@@ -138,7 +123,7 @@ async fn sleeping_session(
     Outcome,
 ) {
     let (client, outcome) = connect_with_outcome(&blue_dsn(proxy_port)).await;
-    let pid = backend_pid(&client).await;
+    let pid = simple_backend_pid(&client).await;
     let task = tokio::spawn(async move {
         let result = client.simple_query("SELECT pg_sleep(30)").await;
         (result.map(|_| ()), Instant::now())
@@ -160,20 +145,6 @@ async fn sleeping_session(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (task, pid, outcome)
-}
-
-async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
-    let messages = client
-        .simple_query("SELECT pg_backend_pid()")
-        .await
-        .expect("pg_backend_pid");
-    messages
-        .iter()
-        .find_map(|message| match message {
-            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0)?.parse().ok(),
-            _ => None,
-        })
-        .expect("a pid")
 }
 
 /// The sleeping query must fail within [`PROMPT`] of `since`.

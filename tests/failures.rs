@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use pgshift::color::Color;
-use support::pgshift::{TestProxy, server_port, sqlstate};
+use support::pgshift::{TestProxy, server_port, simple_backend_pid, sqlstate};
 use support::wire::{
     GSSENC_REQUEST, RawError, SSL_REQUEST, TERMINATE, cancel_packet, error_field, expect_message,
     raw_error, read_byte, read_until_closed, send_query, split_messages, startup_packet,
@@ -180,21 +180,6 @@ fn db_message(error: &tokio_postgres::Error) -> String {
         .as_db_error()
         .map(|db| db.message().to_string())
         .unwrap_or_else(|| format!("(not a database error) {error}"))
-}
-
-/// `pg_backend_pid()` over the simple protocol.
-async fn simple_pid(client: &tokio_postgres::Client) -> i32 {
-    let messages = client
-        .simple_query("SELECT pg_backend_pid()")
-        .await
-        .expect("pg_backend_pid");
-    messages
-        .iter()
-        .find_map(|message| match message {
-            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0)?.parse().ok(),
-            _ => None,
-        })
-        .expect("a pid row")
 }
 
 /// Waits (up to 3 s) until backend `pid` is running `pg_sleep`, seen from a direct connection;
@@ -710,7 +695,7 @@ async fn max_clients_refuses_with_53300_but_never_a_cancel() {
 
     // ... and a real one is forwarded: the running query is cancelled.
     let token = first.cancel_token();
-    let pid = simple_pid(&first).await;
+    let pid = simple_backend_pid(&first).await;
     let sleeper = tokio::spawn(async move { first.simple_query("SELECT pg_sleep(30)").await });
     let admin = blue_admin(pair).await;
     expect_sleeping(&admin, pid).await;
@@ -769,7 +754,7 @@ async fn killed_backends_end_their_sessions_cleanly() {
     // (Simple protocol only: a dropped prepared statement would leave a Close in flight, and
     // tokio-postgres hands an unsolicited FATAL to that request instead of the connection.)
     let (client, connection) = connect_watched(&proxy.bulk_dsn()).await;
-    let pid = simple_pid(&client).await;
+    let pid = simple_backend_pid(&client).await;
     terminate_backend(&admin, pid).await;
     let ended = tokio::time::timeout(Duration::from_secs(5), connection)
         .await

@@ -47,17 +47,11 @@ fn cstring(min: usize) -> impl Strategy<Value = String> {
 }
 
 fn encode_startup(version: u32, parameters: &[(String, String)]) -> Vec<u8> {
-    let mut body = version.to_be_bytes().to_vec();
-    for (name, value) in parameters {
-        body.extend_from_slice(name.as_bytes());
-        body.push(0);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend(body);
-    packet
+    let parameters: Vec<(&str, &str)> = parameters
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    support::wire::startup_packet((version >> 16) as u16, version as u16, &parameters)
 }
 
 proptest! {

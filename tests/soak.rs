@@ -397,14 +397,7 @@ async fn soak_with_weight_flips_green_restarts_and_reloads() {
     }
 
     // Nothing left behind.
-    let released = || {
-        shared.cancels.is_empty()
-            && Color::ALL
-                .iter()
-                .all(|&color| shared.stats.color(color).sessions_open() == 0)
-            && shared.sessions.count(None) == 0
-            && shared.clients.load(Ordering::Acquire) == 0
-    };
+    let released = || support::pgshift::nothing_left_behind(&shared);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(released() && open_fds() <= fds_before) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -483,12 +476,8 @@ async fn soak_with_weight_flips_green_restarts_and_reloads() {
     );
     assert!(
         released(),
-        "left behind: cancel keys {}, sessions blue {} green {}, registered {}, slots {}",
-        shared.cancels.len(),
-        shared.stats.color(Color::Blue).sessions_open(),
-        shared.stats.color(Color::Green).sessions_open(),
-        shared.sessions.count(None),
-        shared.clients.load(Ordering::Acquire)
+        "left behind: {}",
+        support::pgshift::left_behind(&shared)
     );
     assert!(
         fds_after <= fds_before,

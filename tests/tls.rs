@@ -78,27 +78,9 @@ async fn proxy_before_shared_pair(listen: &str) -> TestProxy {
 }
 
 /// Runs psql with a connection string (and more arguments) off the async workers, with a
-/// clean environment: no PG* variables, HOME in `home` (no ~/.postgresql files).
+/// clean environment.
 async fn psql(conninfo: String, args: &[&str], home: &Path) -> Output {
-    let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
-    let home = home.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let mut command = Command::new(pg_bin_dir().join("psql"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("PG") {
-                command.env_remove(key);
-            }
-        }
-        command
-            .env("HOME", home)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .args(["-X", "-A", "-t", "-d", &conninfo])
-            .args(args)
-            .output()
-            .expect("psql runs")
-    })
-    .await
-    .expect("psql thread")
+    support::psql_clean(conninfo, args, home).await
 }
 
 fn text_of(output: &Output) -> (String, String) {

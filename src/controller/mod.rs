@@ -318,15 +318,8 @@ impl Controller {
     /// drains green as in drain mode, and the reply says that green's writes since the
     /// promotion are not on blue.
     async fn transparent_rollback(&mut self, command: Command, actor: &Actor) -> Reply {
-        let config = self.shared.config.load_full();
         let reverse_exists = async {
-            let connections = crate::cutover::catalog::Connections::new(
-                config.clone(),
-                [
-                    self.shared.tls.backend(Color::Blue),
-                    self.shared.tls.backend(Color::Green),
-                ],
-            )?;
+            let connections = crate::cutover::catalog::Connections::of_proxy(&self.shared)?;
             crate::cutover::catalog::has_subscriptions(&connections, Color::Blue).await
         };
         if !reverse_exists

@@ -42,6 +42,17 @@ impl Connections {
         Ok(Connections { config, dsn, tls })
     }
 
+    /// From the running proxy's config and live TLS configs.
+    pub fn of_proxy(shared: &crate::proxy::Shared) -> Result<Connections, String> {
+        Connections::new(
+            shared.config.load_full(),
+            [
+                shared.tls.backend(Color::Blue),
+                shared.tls.backend(Color::Green),
+            ],
+        )
+    }
+
     /// The database the DSN names (its user's name when it names none).
     pub fn default_database(&self) -> String {
         let config = &self.dsn.config;

@@ -174,7 +174,23 @@ pub async fn catch_up(
     timeout: Duration,
 ) -> Result<Duration, String> {
     let started = tokio::time::Instant::now();
+    let deadline = started + timeout;
     let direction = links.direction();
+    let behind = |missing: &[catalog::MarkerWrite]| {
+        let which = if missing.is_empty() {
+            "(the markers could not even be written)".to_string()
+        } else {
+            let names: Vec<String> = missing
+                .iter()
+                .map(|marker| format!("{} (database {})", marker.publication, marker.database))
+                .collect();
+            format!("for publication(s) {}", names.join(", "))
+        };
+        format!(
+            "{} did not show the catch-up marker within {timeout:?} {which}: replication {} → {} is behind or stopped",
+            direction.subscriber, direction.publisher, direction.subscriber
+        )
+    };
     let token = format!(
         "{}-{}",
         std::process::id(),
@@ -183,36 +199,21 @@ pub async fn catch_up(
             .unwrap_or_default()
             .as_nanos()
     );
-    let behind = std::sync::Mutex::new(Vec::new());
-    let waited = async {
-        let mut missing = links.write(&token).await?;
-        loop {
-            *behind.lock().unwrap_or_else(|e| e.into_inner()) = missing.clone();
-            missing = links.missing(&missing).await?;
-            if missing.is_empty() {
-                return Ok(started.elapsed());
-            }
-            tokio::time::sleep(CATCHUP_POLL).await;
+    // Each step is bounded by the deadline: a lock can stall a write or a read.
+    let mut missing = tokio::time::timeout_at(deadline, links.write(&token))
+        .await
+        .map_err(|_| behind(&[]))??;
+    loop {
+        missing = tokio::time::timeout_at(deadline, links.missing(&missing))
+            .await
+            .map_err(|_| behind(&missing))??;
+        if missing.is_empty() {
+            return Ok(started.elapsed());
         }
-    };
-    match tokio::time::timeout(timeout, waited).await {
-        Ok(result) => result,
-        Err(_) => {
-            let behind = behind.lock().unwrap_or_else(|e| e.into_inner());
-            let names: Vec<String> = behind
-                .iter()
-                .map(|marker| format!("{} (database {})", marker.publication, marker.database))
-                .collect();
-            let which = if names.is_empty() {
-                "(the markers could not even be written)".to_string()
-            } else {
-                format!("for publication(s) {}", names.join(", "))
-            };
-            Err(format!(
-                "{} did not show the catch-up marker within {timeout:?} {which}: replication {} → {} is behind or stopped",
-                direction.subscriber, direction.publisher, direction.subscriber
-            ))
+        if tokio::time::Instant::now() >= deadline {
+            return Err(behind(&missing));
         }
+        tokio::time::sleep(CATCHUP_POLL).await;
     }
 }
 
@@ -279,13 +280,7 @@ pub async fn cutover_guardrails(shared: &Shared, new: Color, force: bool) -> Gua
         subscriber: new,
     };
     let gathered = async {
-        let connections = Connections::new(
-            config.clone(),
-            [
-                shared.tls.backend(Color::Blue),
-                shared.tls.backend(Color::Green),
-            ],
-        )?;
+        let connections = Connections::of_proxy(shared)?;
         guardrails::gather(
             &connections,
             direction,

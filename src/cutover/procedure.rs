@@ -143,14 +143,7 @@ pub async fn freeze_and_catch_up<'a>(
         })
     };
     run.step("prepare");
-    let connections = Connections::new(
-        config.clone(),
-        [
-            shared.tls.backend(Color::Blue),
-            shared.tls.backend(Color::Green),
-        ],
-    )
-    .map_err(fail("prepare"))?;
+    let connections = Connections::of_proxy(shared).map_err(fail("prepare"))?;
     let databases = catalog::read_replication(&connections, direction)
         .await
         .map_err(fail("prepare"))?;

@@ -81,9 +81,7 @@ pub async fn hold(
                         move_to(relay, prepared).await
                     }
                     (prepared, movable) => {
-                        if let Some(prepared) = prepared {
-                            discard(prepared).await;
-                        }
+                        discard(prepared).await;
                         let reason = movable
                             .err()
                             .map_or_else(|| "its new backend is on another color".into(), |u| u.0);
@@ -93,9 +91,7 @@ pub async fn hold(
             }
             // A new cutover preparing means this one ended: resume.
             CutoverPhase::Abort | CutoverPhase::Idle | CutoverPhase::Preparing { .. } => {
-                if let Some(prepared) = prepared {
-                    discard(prepared).await;
-                }
+                discard(prepared).await;
                 return None;
             }
         }
@@ -104,9 +100,7 @@ pub async fn hold(
                 match relay.cancel_held_request(HELD_REQUEST_WAIT).await {
                     Ok(cancelled) => tracing::debug!(session = ticket.id, cancelled, "cancel while frozen"),
                     Err(error) => {
-                        if let Some(prepared) = prepared {
-                            discard(prepared).await;
-                        }
+                        discard(prepared).await;
                         relay.close(ClientError::fatal("08006", format!("pgshift: the client connection failed: {error}"))).await;
                         return Some(SessionEnd::ClientError(error));
                     }
@@ -115,9 +109,7 @@ pub async fn hold(
             changed = phase.changed() => {
                 if changed.is_err() {
                     // The orchestrator is gone: resume where the session was.
-                    if let Some(prepared) = prepared {
-                        discard(prepared).await;
-                    }
+                    discard(prepared).await;
                     return None;
                 }
             }
@@ -127,9 +119,7 @@ pub async fn hold(
                     continue;
                 }
                 if let CloseOrder::Now(reason) = order {
-                    if let Some(prepared) = prepared {
-                        discard(prepared).await;
-                    }
+                    discard(prepared).await;
                     relay.close(ClientError::fatal("57P01", reason.message(true))).await;
                     return Some(SessionEnd::ClosedAtDeadline(reason));
                 }
@@ -368,8 +358,11 @@ async fn close_unmovable(
     Some(SessionEnd::Unmovable(reason))
 }
 
-/// Logs out of a prepared backend that will not be used.
-async fn discard(prepared: Prepared) {
+/// Logs out of a prepared backend that will not be used (if there is one).
+async fn discard(prepared: impl Into<Option<Prepared>>) {
+    let Some(prepared) = prepared.into() else {
+        return;
+    };
     let mut stream = prepared.connection.stream;
     let _ = stream.write_all(&TERMINATE).await;
     let _ = stream.shutdown().await;

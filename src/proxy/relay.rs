@@ -530,11 +530,14 @@ where
             }
             // Only sessions logged in before the cutover began freeze: a login still running
             // was counted at the gate and registered before the freeze was asked for.
-            let phase = cutover.borrow_and_update().clone();
+            let (freezing, preparing) = {
+                let phase = cutover.borrow_and_update();
+                (phase.freezing(), phase.preparing())
+            };
             self.freeze_requested = self.freezable
                 && self.requests.logged_in()
-                && phase.freezing() == Some(self.identity.color);
-            match phase.preparing() {
+                && freezing == Some(self.identity.color);
+            match preparing {
                 Some((from, to))
                     if from == self.identity.color
                         && self.freezable
@@ -796,11 +799,7 @@ where
             .sessions
             .recolor(self.identity.session_id, color);
         self.freeze_requested = false;
-        if !told.is_empty() {
-            self.to_client.buffer.extend(&told);
-            // Whole messages after a boundary: framed and released at once.
-            let _ = self.scan_backend(Instant::now());
-        }
+        self.forward_to_client(&told);
         Ok(std::mem::replace(&mut self.backend, backend))
     }
 
@@ -901,22 +900,17 @@ where
                 b'P' => {
                     let flow = &self.to_backend;
                     let start = flow.buffer.start;
-                    self.unnamed_statement = match frame.body {
+                    match frame.body {
                         // A Parse's body starts with the statement name: empty is unnamed.
                         Some(range) if flow.buffer.data.get(start + range.start) == Some(&0) => {
-                            let whole = start + range.start - 5..start + range.end;
-                            let mut parse = match std::mem::take(&mut self.unnamed_statement) {
-                                UnnamedStatement::Parsed(previous) => previous,
-                                _ => Vec::new(),
-                            };
-                            parse.clear();
-                            parse.extend_from_slice(&flow.buffer.data[whole]);
-                            UnnamedStatement::Parsed(parse)
+                            let whole =
+                                &flow.buffer.data[start + range.start - 5..start + range.end];
+                            self.unnamed_statement.remember(whole);
                         }
-                        Some(_) => std::mem::take(&mut self.unnamed_statement),
+                        Some(_) => {}
                         // Too large to be read: unknown.
-                        None => UnnamedStatement::Unreadable,
-                    };
+                        None => self.unnamed_statement = UnnamedStatement::Unreadable,
+                    }
                 }
                 _ => {}
             }
@@ -1170,6 +1164,18 @@ pub enum UnnamedStatement {
     Parsed(Vec<u8>),
     /// A Parse too large for the relay to read: it cannot be carried.
     Unreadable,
+}
+
+impl UnnamedStatement {
+    /// Keeps a copy of the Parse `message`, reusing the last copy's allocation.
+    fn remember(&mut self, message: &[u8]) {
+        if let UnnamedStatement::Parsed(copy) = self {
+            copy.clear();
+            copy.extend_from_slice(message);
+        } else {
+            *self = UnnamedStatement::Parsed(message.to_vec());
+        }
+    }
 }
 
 /// Records `name` = `value`; true when the value is new or changed.

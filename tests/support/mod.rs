@@ -181,6 +181,30 @@ rm -rf -- "$dir"
 // Binaries and OS user
 // ---------------------------------------------------------------------------
 
+/// Runs psql with a connection string and `args` off the async workers, with a clean
+/// environment: no PG* variables, HOME in `home` (no ~/.postgresql files).
+pub async fn psql_clean(conninfo: String, args: &[&str], home: &Path) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+    let home = home.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut command = Command::new(pg_bin_dir().join("psql"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("PG") {
+                command.env_remove(key);
+            }
+        }
+        command
+            .env("HOME", home)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .args(["-X", "-A", "-t", "-d", &conninfo])
+            .args(args)
+            .output()
+            .expect("psql runs")
+    })
+    .await
+    .expect("psql thread")
+}
+
 /// Directory holding the PostgreSQL server binaries (`initdb`, `postgres`,
 /// `psql`, `pgbench`, ...): `$PG_BIN`, else `pg_config --bindir` (if it holds
 /// `initdb`), else the highest `/usr/lib/postgresql/*/bin`, else

@@ -330,3 +330,43 @@ pub async fn admin_command(path: &std::path::Path, line: &str) -> serde_json::Va
     serde_json::from_str(&reply)
         .unwrap_or_else(|error| panic!("reply is not JSON ({error}): {reply}"))
 }
+
+/// `pg_backend_pid()` over the simple protocol.
+pub async fn simple_backend_pid(client: &tokio_postgres::Client) -> i32 {
+    let messages = client
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .expect("pg_backend_pid");
+    messages
+        .iter()
+        .find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0)?.parse().ok(),
+            _ => None,
+        })
+        .expect("a pid row")
+}
+
+/// True when a proxy holds nothing for any session: no cancel key, no open session, no
+/// registered session, no client slot.
+pub fn nothing_left_behind(shared: &pgshift::proxy::Shared) -> bool {
+    use pgshift::color::Color;
+    shared.cancels.is_empty()
+        && Color::ALL
+            .iter()
+            .all(|&color| shared.stats.color(color).sessions_open() == 0)
+        && shared.sessions.count(None) == 0
+        && shared.clients.load(std::sync::atomic::Ordering::Acquire) == 0
+}
+
+/// What a proxy still holds, for an assertion's message.
+pub fn left_behind(shared: &pgshift::proxy::Shared) -> String {
+    use pgshift::color::Color;
+    format!(
+        "cancel keys {}, blue sessions {}, green sessions {}, registered {}, slots {}",
+        shared.cancels.len(),
+        shared.stats.color(Color::Blue).sessions_open(),
+        shared.stats.color(Color::Green).sessions_open(),
+        shared.sessions.count(None),
+        shared.clients.load(std::sync::atomic::Ordering::Acquire)
+    )
+}
